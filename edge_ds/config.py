@@ -1,0 +1,243 @@
+"""ModelConfig: the fields of a DeepSeek-family config.json that the runtime uses, validated."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeDSError
+
+# kimi_k2 is deepseek_v3 with more experts; Moonlight ships as deepseek_v3.
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int | None
+    n_shared_experts: int | None
+    num_experts_per_tok: int
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    topk_method: str = "greedy"
+    scoring_func: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    num_nextn_predict_layers: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    quantization: dict | None = None  # mlx-lm's block: group_size, bits, mode (+ per-path overrides)
+    raw: dict = field(default_factory=dict, repr=False)
+
+    # --- derived -------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token per layer: normalised c_kv plus the roped k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            m_all = rs.get("mscale_all_dim", 0)
+            factor = rs.get("factor", 1.0)
+            if m_all and factor > 1:
+                m = 0.1 * m_all * math.log(factor) + 1.0
+                scale *= m * m
+        return scale
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (
+            self.n_routed_experts is not None
+            and i >= self.first_k_dense_replace
+            and i % self.moe_layer_freq == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def to_dict(self) -> dict:
+        """config.json contents: the original fields with ours written over them."""
+        out = dict(self.raw)
+        for name in self.__dataclass_fields__:
+            if name != "raw":
+                out[name] = getattr(self, name)
+        if self.quantization is None:
+            out.pop("quantization", None)
+        out.pop("rope_parameters", None)  # normalised into rope_scaling + rope_theta
+        out.pop("quantization_config", None)  # FP8 is dequantized by the converter
+        return out
+
+    # --- parsing -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        def need(key: str, kind: type | tuple = int) -> Any:
+            if key not in d or d[key] is None:
+                raise EdgeDSError(f"{source}: missing field '{key}'")
+            return check(key, d[key], kind)
+
+        def check(key: str, value: Any, kind: type | tuple) -> Any:
+            ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
+            if kind == float and isinstance(value, int) and not isinstance(value, bool):
+                ok, value = True, float(value)
+            if not ok:
+                raise EdgeDSError(f"{source}: field '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+            return value
+
+        def opt(key: str, default: Any, kind: type | tuple = int) -> Any:
+            v = d.get(key)
+            return default if v is None else check(key, v, kind)
+
+        model_type = d.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise EdgeDSError(
+                f"{source}: unsupported model_type {model_type!r} (edge-ds runs {', '.join(MODEL_TYPES)})"
+            )
+        is_v3 = model_type != "deepseek_v2"
+
+        rope_scaling, rope_theta = _rope_fields(d, source)
+        n_routed = opt("n_routed_experts", None)
+        cfg = cls(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            moe_intermediate_size=opt("moe_intermediate_size", need("intermediate_size")),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=need("num_attention_heads"),
+            kv_lora_rank=need("kv_lora_rank"),
+            q_lora_rank=opt("q_lora_rank", None),
+            qk_nope_head_dim=need("qk_nope_head_dim"),
+            qk_rope_head_dim=need("qk_rope_head_dim"),
+            v_head_dim=need("v_head_dim"),
+            n_routed_experts=n_routed,
+            n_shared_experts=opt("n_shared_experts", None),
+            num_experts_per_tok=opt("num_experts_per_tok", 1),
+            first_k_dense_replace=opt("first_k_dense_replace", 0),
+            moe_layer_freq=opt("moe_layer_freq", 1),
+            topk_method=opt("topk_method", "noaux_tc" if is_v3 else "greedy", str),
+            scoring_func=opt("scoring_func", "sigmoid" if is_v3 else "softmax", str),
+            n_group=opt("n_group", 1),
+            topk_group=opt("topk_group", 1),
+            norm_topk_prob=opt("norm_topk_prob", is_v3, bool),
+            routed_scaling_factor=opt("routed_scaling_factor", 1.0, float),
+            rms_norm_eps=opt("rms_norm_eps", 1e-6, float),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=opt("max_position_embeddings", 4096),
+            tie_word_embeddings=opt("tie_word_embeddings", False, bool),
+            attention_bias=opt("attention_bias", False, bool),
+            num_nextn_predict_layers=opt("num_nextn_predict_layers", 0),
+            bos_token_id=opt("bos_token_id", None),
+            eos_token_id=opt("eos_token_id", None, (int, list)),
+            quantization=opt("quantization", None, dict),
+            raw=dict(d),
+        )
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ModelConfig":
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise EdgeDSError(f"{path}: not found (is {directory} a model directory?)")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdgeDSError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise EdgeDSError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, str(path))
+
+    def validate(self, source: str = "config.json") -> None:
+        def fail(msg: str) -> None:
+            raise EdgeDSError(f"{source}: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
+                     "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq"):
+            if getattr(self, name) <= 0:
+                fail(f"field '{name}' must be positive, got {getattr(self, name)}")
+        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            fail(f"field 'qk_rope_head_dim' must be a positive even number, got {self.qk_rope_head_dim}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            fail(f"field 'q_lora_rank' must be positive or null, got {self.q_lora_rank}")
+        if self.topk_method not in TOPK_METHODS:
+            fail(f"field 'topk_method' must be one of {TOPK_METHODS}, got {self.topk_method!r}")
+        if self.scoring_func not in SCORING_FUNCS:
+            fail(f"field 'scoring_func' must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+        if self.n_routed_experts is not None:
+            e = self.n_routed_experts
+            if e <= 0:
+                fail(f"field 'n_routed_experts' must be positive, got {e}")
+            if self.num_experts_per_tok > e:
+                fail(f"field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds n_routed_experts ({e})")
+            if e % self.n_group:
+                fail(f"field 'n_routed_experts' ({e}) is not divisible by n_group ({self.n_group})")
+            if self.topk_group > self.n_group:
+                fail(f"field 'topk_group' ({self.topk_group}) exceeds n_group ({self.n_group})")
+            if self.topk_method == "noaux_tc" and self.n_group > 1 and e // self.n_group < 2:
+                fail("field 'n_group': noaux_tc needs at least 2 experts per group")
+            if self.num_experts_per_tok > self.topk_group * (e // self.n_group):
+                fail(f"field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the experts in "
+                     f"topk_group ({self.topk_group}) groups")
+        if self.rope_scaling is not None:
+            rtype = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rtype not in ("yarn", "deepseek_yarn", "default", None):
+                fail(f"field 'rope_scaling.type' {rtype!r} is not supported (yarn or default)")
+            if rtype in ("yarn", "deepseek_yarn"):
+                for k in ("factor", "original_max_position_embeddings"):
+                    if not isinstance(self.rope_scaling.get(k), (int, float)):
+                        fail(f"field 'rope_scaling.{k}' is required for yarn")
+
+
+def _rope_fields(d: dict, source: str) -> tuple[dict | None, float]:
+    """rope_scaling (legacy) or rope_parameters (transformers 5) -> (scaling dict or None, theta)."""
+    theta = d.get("rope_theta")
+    scaling = d.get("rope_scaling")
+    params = d.get("rope_parameters")
+    if scaling is None and isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        if params.get("rope_type", params.get("type", "default")) != "default":
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise EdgeDSError(f"{source}: field 'rope_scaling' must be an object or null")
+        scaling = dict(scaling)
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+    if theta is None:
+        theta = 10000.0
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise EdgeDSError(f"{source}: field 'rope_theta' must be a positive number, got {theta!r}")
+    return scaling, float(theta)

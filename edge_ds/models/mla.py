@@ -1,0 +1,105 @@
+"""Multi-head Latent Attention over a latent cache.
+
+Per token the cache holds only [c_kv (normalised, kv_lora), k_pe (roped, rope)] per layer.
+Two equivalent forms:
+- absorbed (decode): W_UK is folded into the query, so each head attends straight over the
+  latent rows: MQA with one (kv_lora + rope)-wide key and a kv_lora-wide value;
+- expanded (prefill): keys and values are expanded per head through kv_b_proj, cheaper
+  when many queries share the same keys.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .layers import HeadLinear
+from .rope import RoPE
+
+
+class MLA(nn.Module):
+    """x [B, L, D] -> [B, L, D]; `cache` is this layer's LatentCache or None (no cache)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.scale = cfg.softmax_scale
+        H, qk = self.num_heads, cfg.qk_head_dim
+        bias = cfg.attention_bias
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, eps=1e-6)  # as transformers: not rms_norm_eps
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.latent_dim, bias=bias)
+        self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, eps=1e-6)
+        # kv_b_proj split per head: W_UK (latent <-> nope) and W_UV (latent -> v).
+        # embed_q is stored [H, kv_lora, nope] (mlx-lm's deepseek_v3 layout) unless
+        # `embed_q_latent_last` (rows of a deepseek_v2 kv_b_proj: [H, nope, kv_lora]).
+        self.embed_q = HeadLinear(self.nope_dim, self.kv_lora_rank, H)
+        self.embed_q_latent_last = False
+        self.unembed_out = HeadLinear(self.kv_lora_rank, self.v_dim, H)
+        self.o_proj = nn.Linear(H * self.v_dim, cfg.hidden_size, bias=bias)
+        self.rope = RoPE(self.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+
+    def nope_to_latent(self, q_nope: mx.array) -> mx.array:
+        """[B, H, L, nope] -> [B, H, L, kv_lora]: q_nope_h @ W_UK_h."""
+        return self.embed_q(q_nope, transpose=not self.embed_q_latent_last)
+
+    def latent_to_nope(self, c: mx.array) -> mx.array:
+        """[B, 1, T, kv_lora] -> [B, H, T, nope]: the expanded keys W_UK_h c."""
+        return self.embed_q(c, transpose=self.embed_q_latent_last)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, qk]
+        q_nope, q_pe = mx.split(q, [self.nope_dim], axis=-1)
+
+        c, k_pe = mx.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
+        c = self.kv_a_layernorm(c)[:, None]  # [B, 1, L, kv_lora]
+        offset = cache.offset if cache is not None else 0
+        q_pe = self.rope(q_pe, offset)
+        k_pe = self.rope(k_pe[:, None], offset)  # [B, 1, L, rope]
+
+        latent = mx.concatenate([c, k_pe], axis=-1)  # [B, 1, L, kv_lora + rope]
+        if cache is not None:
+            latent = cache.update_and_fetch(latent)  # [B, 1, T, kv_lora + rope]
+        c_all, k_pe_all = mx.split(latent, [self.kv_lora_rank], axis=-1)
+
+        if L == 1:
+            out = self._absorbed(q_nope, q_pe, latent, c_all, mask)
+        else:
+            out = self._expanded(q_nope, q_pe, c_all, k_pe_all, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _absorbed(self, q_nope, q_pe, latent, c_all, mask):
+        q = mx.concatenate([self.nope_to_latent(q_nope), q_pe], axis=-1)  # [B, H, L, kv_lora + rope]
+        scores = (q * self.scale) @ latent.swapaxes(-1, -2)  # [B, H, L, T]
+        p = _softmax(scores, mask)
+        return self.unembed_out(p @ c_all)  # [B, H, L, v]
+
+    def _expanded(self, q_nope, q_pe, c_all, k_pe_all, mask):
+        k_nope = self.latent_to_nope(c_all)  # [B, H, T, nope]
+        v = self.unembed_out(c_all)  # [B, H, T, v]
+        scores = (q_nope * self.scale) @ k_nope.swapaxes(-1, -2)
+        scores = scores + (q_pe * self.scale) @ k_pe_all.swapaxes(-1, -2)  # k_pe is shared by all heads
+        p = _softmax(scores, mask)
+        return p @ v
+
+
+def _softmax(scores: mx.array, mask: mx.array | None) -> mx.array:
+    if mask is not None:
+        scores = scores + mask if mask.dtype != mx.bool_ else mx.where(mask, scores, -mx.inf)
+    return mx.softmax(scores, axis=-1, precise=True)

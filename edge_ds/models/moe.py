@@ -1,0 +1,117 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the routed Mixture-of-Experts."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .layers import ExpertLinear
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); x [..., D]."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scores E experts per token and picks top-k: x [N, D] -> (indices [N, k], weights [N, k]).
+
+    Follows the config: softmax or sigmoid scores; greedy, group_limited_greedy (group score
+    = best expert) or noaux_tc (score + e_score_correction_bias for the choice only, group
+    score = sum of the group's top two). Unchosen groups are excluded (-inf), as in
+    DeepSeek's reference code. Weights come from the raw scores, optionally renormalised,
+    times routed_scaling_factor.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.method, self.scoring = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = mx.zeros((cfg.n_routed_experts, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = mx.zeros((cfg.n_routed_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T  # [N, E]
+        scores = mx.sigmoid(logits) if self.scoring == "sigmoid" else mx.softmax(logits, axis=-1, precise=True)
+        choice = scores
+        if self.method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias.astype(mx.float32)
+        if self.method != "greedy" and self.n_group > 1:
+            grouped = mx.unflatten(choice, -1, (self.n_group, -1))  # [N, G, E/G]
+            if self.method == "noaux_tc":
+                group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
+            else:
+                group_scores = grouped.max(axis=-1)  # [N, G]
+            drop = self.n_group - self.topk_group
+            if drop:
+                dropped = mx.argpartition(group_scores, kth=drop - 1, axis=-1)[:, :drop]
+                grouped = mx.put_along_axis(grouped, dropped[..., None], mx.array(-mx.inf, mx.float32), axis=-2)
+            choice = mx.flatten(grouped, -2, -1)
+        k = self.top_k
+        indices = mx.argpartition(-choice, kth=k - 1, axis=-1)[:, :k]
+        weights = mx.take_along_axis(scores, indices, axis=-1)
+        if self.norm_topk_prob and k > 1:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return indices, weights * self.scaling
+
+
+class SwitchGLU(nn.Module):
+    """The routed experts, stacked: x [N, D], indices [N, k] -> [N, k, D]."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = ExpertLinear(hidden, intermediate, num_experts)
+        self.up_proj = ExpertLinear(hidden, intermediate, num_experts)
+        self.down_proj = ExpertLinear(intermediate, hidden, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        N, k = indices.shape
+        x = x[:, None, None, :]  # [N, 1, 1, D]
+        if indices.size >= 64:
+            # Many (token, expert) pairs: sort by expert so each expert's rows are contiguous.
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            inv = mx.argsort(order)
+            xs, idx = x.flatten(0, -3)[order // k], flat[order]
+            y = self._ffn(xs, idx, sorted_indices=True)
+            return y[inv].reshape(N, k, -1)
+        return self._ffn(x, indices).squeeze(-2)
+
+    def _ffn(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        g = self.gate_proj(x, idx, sorted_indices)
+        u = self.up_proj(x, idx, sorted_indices)
+        return self.down_proj(nn.silu(g) * u, idx, sorted_indices)
+
+
+class MoE(nn.Module):
+    """sum_k weight_k * expert_k(x) + shared_experts(x); x [B, L, D]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.switch_mlp = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts)
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        indices, weights = self.gate(x)
+        y = self.switch_mlp(x, indices)  # [N, k, D]
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y.reshape(shape)

@@ -1,0 +1,65 @@
+"""Interleaved rotary embedding with DeepSeek's YaRN frequency correction."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(dims: int, base: float, scaling: dict | None, max_position: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [dims // 2] and the cos/sin multiplier, as transformers computes them.
+
+    transformers applies the YaRN correction whatever the sequence length (the DeepSeek
+    reference code only past original_max_position_embeddings); we match transformers.
+    """
+    pos = base ** (np.arange(0, dims, 2, dtype=np.float32) / dims)
+    inv_freq = (1.0 / pos).astype(np.float32)
+    if not scaling or scaling.get("rope_type", scaling.get("type")) not in ("yarn", "deepseek_yarn"):
+        return inv_freq, 1.0
+
+    factor = scaling.get("factor") or max_position / scaling["original_max_position_embeddings"]
+    original = scaling["original_max_position_embeddings"]
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if scaling.get("attention_factor") is not None:
+        attention = float(scaling["attention_factor"])
+    elif mscale and mscale_all:
+        attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+    else:
+        attention = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dims - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dims // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos)) * (1 - extrapolation) + (1.0 / pos) * extrapolation
+    return inv_freq.astype(np.float32), float(attention)
+
+
+class RoPE:
+    """Rotates interleaved pairs (x0, x1), (x2, x3), ... of the last axis: x [B, H, L, dims]."""
+
+    def __init__(self, dims: int, base: float, scaling: dict | None, max_position: int):
+        inv_freq, self.attention_factor = rope_inv_freq(dims, base, scaling, max_position)
+        self.dims = dims
+        self._freqs = mx.array(1.0 / inv_freq)  # mx.fast.rope takes wavelengths
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if self.attention_factor != 1.0:
+            x = x * self.attention_factor
+        return mx.fast.rope(x, self.dims, traditional=True, base=None, scale=1.0,
+                            offset=offset, freqs=self._freqs)

@@ -1,0 +1,412 @@
+"""Tokenizer loading (tokenizer.json or tokenizer.model), chat templates and streaming decode."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from edge_ds.errors import EdgeDSError
+
+_REPLACEMENT = "\ufffd"
+_SPACE_PIECE = "\u2581"  # sentencepiece's "▁"
+
+
+def _read_json(path: Path) -> dict:
+    """Read an optional JSON object file; a missing file reads as {}."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeDSError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise EdgeDSError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _token_content(value: Any, path: Path, field: str) -> str | None:
+    # HF configs store special tokens either as plain strings or as AddedToken dicts.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise EdgeDSError(f"{path}: {field} must be a string or {{\"content\": ...}}, got {value!r}")
+
+
+def _id_list(value: Any, path: Path, field: str) -> list[int]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise EdgeDSError(f"{path}: {field} must be an int or a list of ints, got {value!r}")
+    return list(items)
+
+
+class _HFBackend:
+    """tokenizer.json through the `tokenizers` library."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise EdgeDSError(f"{path}: cannot load tokenizer ({e})") from e
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.default_bos: int | None = None
+        self.default_eos: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False keeps the post-processor from adding BOS; Tokenizer does that.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+
+class _SPBackend:
+    """tokenizer.model through sentencepiece, plus added tokens from tokenizer_config.json."""
+
+    def __init__(self, path: Path, added: dict[int, tuple[str, bool]]) -> None:
+        import sentencepiece as spm
+
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:  # sentencepiece raises OSError or RuntimeError depending on version
+            raise EdgeDSError(f"{path}: cannot load sentencepiece model ({e})") from e
+        sp = self._sp
+        n = sp.get_piece_size()
+        # sentencepiece never matches control pieces (<s>, </s>) in input text, so we split them out
+        # ourselves; same for tokens that tokenizer_config.json adds on top of the model.
+        self._text_to_id: dict[str, int] = {}
+        self._added_pieces: dict[int, str] = {}
+        self._special: set[int] = set()
+        for i in range(n):
+            if sp.is_control(i):
+                self._text_to_id[sp.id_to_piece(i)] = i
+                self._special.add(i)
+        for i, (content, special) in added.items():
+            if i >= n:
+                self._added_pieces[i] = content
+            self._text_to_id[content] = i
+            if special:
+                self._special.add(i)
+        self.vocab_size = max([n, *(i + 1 for i in self._added_pieces)])
+        self.default_bos = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.default_eos = sp.eos_id() if sp.eos_id() >= 0 else None
+        specials = sorted(self._text_to_id, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None:
+            return self._sp.encode(text, out_type=int)
+        ids: list[int] = []
+        # re.split with a capture group alternates plain text (even) and special tokens (odd).
+        for k, part in enumerate(self._split.split(text)):
+            if k % 2:
+                ids.append(self._text_to_id[part])
+            elif part:
+                ids.extend(self._sp.encode(part, out_type=int))
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        if skip_special:
+            # Dropping control ids first is harmless: sentencepiece renders them as "" anyway.
+            ids = [i for i in ids if i not in self._special]
+            if not self._added_pieces:
+                return self._sp.decode(ids)
+        # Decode runs of model pieces separately and splice added/special tokens in between.
+        out: list[str] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                text = self._sp.decode(run)
+                # sentencepiece strips the leading "▁" of a decode's first piece; only the very
+                # first run of the output should lose it.
+                if out and self._sp.id_to_piece(run[0]).startswith(_SPACE_PIECE) and not text.startswith(" "):
+                    text = " " + text
+                out.append(text)
+                run.clear()
+
+        for i in ids:
+            if i in self._added_pieces or i in self._special:
+                flush()
+                out.append(self._added_pieces.get(i) or self._sp.id_to_piece(i))
+            else:
+                run.append(i)
+        flush()
+        return "".join(out)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._text_to_id:
+            return self._text_to_id[token]
+        i = self._sp.piece_to_id(token)
+        return i if self._sp.id_to_piece(i) == token else None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if token_id in self._added_pieces:
+            return self._added_pieces[token_id]
+        if 0 <= token_id < self._sp.get_piece_size():
+            return self._sp.id_to_piece(token_id)
+        return None
+
+
+def _added_tokens(config: dict, path: Path) -> dict[int, tuple[str, bool]]:
+    """tokenizer_config.json's added_tokens_decoder as {id: (content, special)}."""
+    raw = config.get("added_tokens_decoder") or {}
+    if not isinstance(raw, dict):
+        raise EdgeDSError(f"{path}: added_tokens_decoder must be an object")
+    added = {}
+    for key, value in raw.items():
+        content = _token_content(value, path, f"added_tokens_decoder[{key}]")
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise EdgeDSError(f"{path}: added_tokens_decoder key {key!r} is not an integer id") from None
+        special = bool(value.get("special", True)) if isinstance(value, dict) else True
+        if content is not None:
+            added[token_id] = (content, special)
+    return added
+
+
+def _pick_template(value: Any, path: Path) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        # Multi-template configs: [{"name": "default", "template": ...}, {"name": "tool_use", ...}].
+        for entry in value:
+            if isinstance(entry, dict) and entry.get("name") == "default":
+                template = entry.get("template")
+                if not isinstance(template, str):
+                    raise EdgeDSError(f"{path}: chat_template 'default' entry has no template string")
+                return template
+        return None
+    raise EdgeDSError(f"{path}: chat_template must be a string or a list of {{name, template}}")
+
+
+def _raise_exception(message: str) -> None:
+    raise EdgeDSError(f"chat template: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # jinja's built-in tojson escapes non-ASCII and HTML characters; chat templates expect neither.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+class Tokenizer:
+    """Encodes/decodes text for one model directory and renders its chat template."""
+
+    def __init__(self, backend: Any, *, bos_id: int | None, eos_ids: list[int], add_bos_token: bool,
+                 bos_token: str | None, eos_token: str | None, chat_template: str | None) -> None:
+        self._backend = backend
+        self.bos_id = bos_id
+        self.eos_ids = eos_ids
+        self.add_bos_token = add_bos_token
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+        self.vocab_size: int = backend.vocab_size
+        self._compiled: Any = None
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        """Load from a model directory (tokenizer.json, else tokenizer.model, plus optional configs)."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise EdgeDSError(f"{d}: not a directory")
+        tcfg_path, gcfg_path, mcfg_path = (d / "tokenizer_config.json", d / "generation_config.json",
+                                           d / "config.json")
+        tcfg, gcfg, mcfg = _read_json(tcfg_path), _read_json(gcfg_path), _read_json(mcfg_path)
+
+        if (d / "tokenizer.json").is_file():
+            backend: Any = _HFBackend(d / "tokenizer.json")
+        elif (d / "tokenizer.model").is_file():
+            backend = _SPBackend(d / "tokenizer.model", _added_tokens(tcfg, tcfg_path))
+        else:
+            raise EdgeDSError(f"{d}: no tokenizer.json or tokenizer.model found")
+
+        def check_id(token_id: int, path: Path, field: str) -> int:
+            if not 0 <= token_id < backend.vocab_size:
+                raise EdgeDSError(f"{path}: {field} {token_id} is outside the vocabulary "
+                                  f"(size {backend.vocab_size})")
+            return token_id
+
+        def lookup(token: str, field: str) -> int:
+            token_id = backend.token_to_id(token)
+            if token_id is None:
+                raise EdgeDSError(f"{tcfg_path}: {field} {token!r} is not in the vocabulary")
+            return token_id
+
+        # BOS: tokenizer_config.json is authoritative when it has the key (an explicit null means
+        # "this tokenizer adds no BOS"); otherwise fall back to the model configs.
+        bos_token = _token_content(tcfg.get("bos_token"), tcfg_path, "bos_token")
+        bos_id: int | None = lookup(bos_token, "bos_token") if bos_token is not None else None
+        if "bos_token" not in tcfg:
+            for path, cfg in ((gcfg_path, gcfg), (mcfg_path, mcfg)):
+                ids = _id_list(cfg.get("bos_token_id"), path, "bos_token_id")
+                if ids:
+                    bos_id = check_id(ids[0], path, "bos_token_id")
+                    break
+            else:
+                bos_id = backend.default_bos
+            if bos_id is not None:
+                bos_token = backend.id_to_token(bos_id)
+
+        # EOS: every id any config names stops generation; config.json only as a last resort.
+        eos_token = _token_content(tcfg.get("eos_token"), tcfg_path, "eos_token")
+        eos_ids = [lookup(eos_token, "eos_token")] if eos_token is not None else []
+        eos_ids += [check_id(i, gcfg_path, "eos_token_id")
+                    for i in _id_list(gcfg.get("eos_token_id"), gcfg_path, "eos_token_id")]
+        if not eos_ids:
+            eos_ids = [check_id(i, mcfg_path, "eos_token_id")
+                       for i in _id_list(mcfg.get("eos_token_id"), mcfg_path, "eos_token_id")]
+        if not eos_ids and backend.default_eos is not None:
+            eos_ids = [backend.default_eos]
+        eos_ids = list(dict.fromkeys(eos_ids))
+        if eos_token is None and eos_ids:
+            eos_token = backend.id_to_token(eos_ids[0])
+
+        add_bos = tcfg.get("add_bos_token")
+        if add_bos is None:
+            add_bos = bos_id is not None
+        elif not isinstance(add_bos, bool):
+            raise EdgeDSError(f"{tcfg_path}: add_bos_token must be true or false, got {add_bos!r}")
+
+        template_file = d / "chat_template.jinja"
+        if template_file.is_file():
+            try:
+                chat_template: str | None = template_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise EdgeDSError(f"{template_file}: cannot read ({e})") from e
+        else:
+            chat_template = _pick_template(tcfg.get("chat_template"), tcfg_path)
+
+        return cls(backend, bos_id=bos_id, eos_ids=eos_ids, add_bos_token=add_bos,
+                   bos_token=bos_token, eos_token=eos_token, chat_template=chat_template)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids for text; BOS is prepended once when asked for and the model uses one."""
+        ids = self._backend.encode(text)
+        if add_bos and self.add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text for token ids, dropping special tokens unless skip_special is False."""
+        return self._backend.decode([int(i) for i in ids], skip_special)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """Render messages with the model's chat template; extra keyword args become template variables."""
+        if not self.chat_template:
+            raise EdgeDSError("this model has no chat template (no chat_template in tokenizer_config.json "
+                              "or chat_template.jinja); use --no-chat-template")
+        from jinja2 import TemplateError
+        from jinja2.exceptions import SecurityError
+
+        try:
+            if self._compiled is None:
+                self._compiled = _template_env().from_string(self.chat_template)
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                         **variables)
+        except SecurityError as e:
+            raise EdgeDSError(f"chat template: blocked unsafe operation ({e})") from e
+        except TemplateError as e:
+            raise EdgeDSError(f"chat template: {e}") from e
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **variables: Any) -> list[int]:
+        """Render and encode a conversation, with exactly one BOS."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **variables)
+        # Most templates write bos_token themselves; adding another would double it.
+        has_bos = bool(self.bos_token) and text.startswith(self.bos_token)
+        return self.encode(text, add_bos=not has_bos)
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self)
+
+
+def _template_env() -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                       extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class StreamingDetokenizer:
+    """Turns token ids into text chunks as they arrive, never emitting broken UTF-8.
+
+    Only a short window of ids is decoded per token: ids[:read] were already emitted and decode
+    to prefix_text; the window is re-decoded with the new id and whatever it adds beyond
+    prefix_text is emitted once it no longer ends in U+FFFD (a partial UTF-8 character). Keeping
+    one emitted token at the window's start keeps context-dependent decoding (sentencepiece's
+    leading-space strip, byte fallback) identical to decoding the whole sequence.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special
+        self._ids: list[int] = []
+        self._read = 0
+        self._prefix_text = ""
+        self._chunks: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        if len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, self._skip_special)
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; returns the text it completes (possibly "")."""
+        self._ids.append(int(token_id))
+        new_text = self._decode(self._ids)
+        if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
+            return ""
+        chunk = new_text[len(self._prefix_text):]
+        # Slide: the not-yet-prefix ids become the new prefix for the next token.
+        self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        self._chunks.append(chunk)
+        return chunk
+
+    def finish(self) -> str:
+        """Flush whatever is held back (e.g. an incomplete character at the end) and end the stream."""
+        new_text = self._decode(self._ids)
+        chunk = new_text[len(self._prefix_text):]
+        self._ids, self._read, self._prefix_text = [], 0, ""
+        if chunk:
+            self._chunks.append(chunk)
+        return chunk
