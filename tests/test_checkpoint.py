@@ -30,18 +30,6 @@ def write_raw(path: Path, header: dict | bytes, data: bytes = b"", header_len: i
     return path
 
 
-def packed(tensors: dict[str, np.ndarray], code: dict[str, str] | None = None) -> tuple[dict, bytes]:
-    """Header and data for tensors laid out back to back (the layout safetensors writes)."""
-    header, data, pos = {}, b"", 0
-    for name, a in tensors.items():
-        b = a.tobytes()
-        c = (code or {}).get(name, "F32")
-        header[name] = {"dtype": c, "shape": list(a.shape), "data_offsets": [pos, pos + len(b)]}
-        data += b
-        pos += len(b)
-    return header, data
-
-
 def expect_error(path: Path, *fragments: str) -> EdgeDSError:
     with pytest.raises(EdgeDSError) as e:
         SafetensorsFile(path)
