@@ -88,6 +88,9 @@ class PromptCache:
 
         At least one token is always left to prefill, so the model produces fresh logits.
         """
+        if any(c.offset != len(self.tokens) for c in self.layers):
+            self.rewind(self.offset)  # interrupted mid-step: nothing in it can be trusted
+            self.tokens.clear()
         common = 0
         for a, b in zip(self.tokens, tokens):
             if a != b:

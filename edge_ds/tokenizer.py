@@ -121,11 +121,13 @@ class _SPBackend:
         return ids
 
     def decode(self, ids: list[int], skip_special: bool) -> str:
-        if skip_special:
-            # Dropping control ids first is harmless: sentencepiece renders them as "" anyway.
-            ids = [i for i in ids if i not in self._special]
-            if not self._added_pieces:
-                return self._sp.decode(ids)
+        n = self._sp.get_piece_size()
+        # Ids past the vocabulary (models pad their embeddings) decode to nothing, as in `tokenizers`.
+        # Dropping special ids up front is harmless: sentencepiece renders control pieces as "".
+        ids = [i for i in ids if (0 <= i < n or i in self._added_pieces)
+               and not (skip_special and i in self._special)]
+        if skip_special and not self._added_pieces:
+            return self._sp.decode(ids)
         # Decode runs of model pieces separately and splice added/special tokens in between.
         out: list[str] = []
         run: list[int] = []

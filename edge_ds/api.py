@@ -1,0 +1,194 @@
+"""The Python API: load a model once, then get logits, generate or stream text, or chat."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import PromptCache
+from .config import ModelConfig
+from .errors import EdgeDSError
+from .generate import GenerationStats, generate_tokens, stop_string_hold
+from .loading import load_model
+from .resources import default_model_path
+from .sampling import make_sampler, seed as set_seed
+from .tokenizer import Tokenizer
+
+Prompt = str | list[dict] | list[int]
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    stats: GenerationStats
+
+
+class TextStream:
+    """Iterates text chunks as they are generated; `.stats` and `.text` are complete at the end."""
+
+    def __init__(self, chunks: Iterator[str], stats: GenerationStats):
+        self._chunks = chunks
+        self.stats = stats
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._chunks:
+            self.text += chunk
+            yield chunk
+
+
+def load(path: str | Path | None = None, backend: str = "mlx", expert_budget=None) -> "LanguageModel":
+    """Loads a model directory (or the shipped default model when path is None)."""
+    if backend != "mlx":
+        raise EdgeDSError(f"backend {backend!r} is not available in this build (available: mlx)")
+    if expert_budget is not None:
+        raise EdgeDSError("expert_budget: lazy expert loading is not available in this build")
+    directory = Path(path) if path is not None else default_model_path()
+    if not directory.is_dir():
+        raise EdgeDSError(f"{directory}: no such model directory")
+    return LanguageModel(load_model(directory), Tokenizer.load(directory), directory)
+
+
+class LanguageModel:
+    """A loaded model and its tokenizer."""
+
+    def __init__(self, model, tokenizer: Tokenizer, path: Path):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.config: ModelConfig = model.config
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the weights a prompt cache was made with."""
+        cfg = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(f"{self.path.resolve()}|{cfg}".encode()).hexdigest()[:16]
+
+    def new_cache(self) -> PromptCache:
+        return PromptCache(self.config.num_hidden_layers)
+
+    def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+        """Full forward with no cache: token ids [batch, seq] -> float32 logits [batch, seq, vocab]."""
+        tokens = np.asarray(token_ids)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise EdgeDSError(f"token_ids must be integers shaped [batch, seq], got shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise EdgeDSError(f"token_ids must be in [0, {self.config.vocab_size})")
+        out = self.model(mx.array(tokens.astype(np.int32)))
+        return np.array(out.astype(mx.float32))
+
+    def encode_prompt(self, prompt: Prompt, chat_template: bool | None = None) -> list[int]:
+        """Token ids for a prompt: ids as given; messages through the chat template; a string
+        through the chat template when the model has one (unless chat_template=False)."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
+            return list(prompt)
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        if not isinstance(prompt, str):
+            raise EdgeDSError("prompt must be a string, a list of messages or a list of token ids")
+        use_template = self.tokenizer.has_chat_template if chat_template is None else chat_template
+        if use_template:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def stream(self, prompt: Prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
+               seed: int | None = None, stop: Sequence[str] = (), chat_template: bool | None = None,
+               cache: PromptCache | None = None) -> TextStream:
+        """Generates text chunk by chunk. Pass a PromptCache to reuse it across calls."""
+        if max_tokens < 1:
+            raise EdgeDSError(f"--max-tokens must be at least 1, got {max_tokens}")
+        sampler = make_sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        set_seed(seed)
+        ids = self.encode_prompt(prompt, chat_template)
+        cache = cache if cache is not None else self.new_cache()
+        stats = GenerationStats()
+        stream = TextStream(iter(()), stats)
+        stream._chunks = self._chunks(ids, cache, sampler, max_tokens, repetition_penalty, list(stop), stats,
+                                      stream.tokens)
+        return stream
+
+    def generate(self, prompt: Prompt, **options) -> Generation:
+        """Generates text to completion; same options as stream()."""
+        s = self.stream(prompt, **options)
+        for _ in s:
+            pass
+        return Generation(s.text, s.tokens, s.stats)
+
+    def chat(self, system: str | None = None) -> "ChatSession":
+        return ChatSession(self, system)
+
+    def _chunks(self, ids, cache, sampler, max_tokens, penalty, stops, stats, tokens_out) -> Iterator[str]:
+        detok = self.tokenizer.detokenizer()
+        eos = set(self.tokenizer.eos_ids)
+        pending = ""  # text held back because it might begin a stop string
+        stats.finish_reason = "length"
+        try:
+            for t in generate_tokens(self.model, ids, cache, sampler, max_tokens, stats, penalty):
+                if t in eos:
+                    stats.finish_reason = "stop"
+                    break
+                tokens_out.append(t)
+                pending += detok.add(t)
+                if stops:
+                    hit = min((pending.find(s) for s in stops if s in pending), default=-1)
+                    if hit >= 0:
+                        stats.finish_reason = "stop"
+                        pending = pending[:hit]
+                        break
+                    hold = stop_string_hold(pending, stops)
+                    out, pending = pending[: len(pending) - hold], pending[len(pending) - hold:]
+                else:
+                    out, pending = pending, ""
+                if out:
+                    yield out
+            else:
+                pending += detok.finish()
+        except KeyboardInterrupt:
+            stats.finish_reason = "interrupted"
+            raise
+        finally:
+            if pending and stats.finish_reason != "interrupted":
+                if stops:
+                    hit = min((pending.find(s) for s in stops if s in pending), default=-1)
+                    pending = pending if hit < 0 else pending[:hit]
+        if pending:
+            yield pending
+
+
+class ChatSession:
+    """A multi-turn conversation; each turn prefills only what the cache does not hold yet."""
+
+    def __init__(self, lm: LanguageModel, system: str | None = None):
+        self.lm = lm
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = self.lm.new_cache()
+
+    def send(self, text: str, **options) -> TextStream:
+        """Streams the assistant's reply to `text`; the reply joins the history when the stream ends."""
+        self.messages.append({"role": "user", "content": text})
+        stream = self.lm.stream(list(self.messages), cache=self.cache, **options)
+        inner = stream._chunks
+
+        def record() -> Iterator[str]:
+            try:
+                yield from inner
+            finally:
+                self.messages.append({"role": "assistant", "content": stream.text})
+
+        stream._chunks = record()
+        return stream

@@ -1,0 +1,40 @@
+"""`edge-ds bench`: prompt and generation throughput with mlx-lm's benchmark semantics."""
+
+from __future__ import annotations
+
+import statistics
+
+import mlx.core as mx
+
+from .api import LanguageModel
+from .generate import GenerationStats, generate_tokens
+from .sampling import make_sampler
+
+
+def run_bench(lm: LanguageModel, prompt_tokens: int = 128, generation_tokens: int = 64, trials: int = 3) -> dict:
+    """Random prompt of `prompt_tokens` ids, greedy decode of `generation_tokens` (no EOS stop),
+    one warm-up run, then `trials` timed runs, each from an empty cache."""
+    mx.random.seed(0)
+    prompt = mx.random.randint(0, lm.config.vocab_size, (prompt_tokens,)).tolist()
+    sampler = make_sampler(0.0)
+
+    def once() -> GenerationStats:
+        stats = GenerationStats()
+        for _ in generate_tokens(lm.model, prompt, lm.new_cache(), sampler, generation_tokens, stats):
+            pass
+        return stats
+
+    once()
+    runs = [once() for _ in range(trials)]
+    return {
+        "model": str(lm.path),
+        "prompt_tokens": prompt_tokens,
+        "generation_tokens": generation_tokens,
+        "trials": trials,
+        "prompt_tps": statistics.median(r.prompt_tps for r in runs),
+        "generation_tps": statistics.median(r.generation_tps for r in runs),
+        "peak_memory_gb": max(r.peak_memory_gb for r in runs),
+        "prompt_tps_runs": [round(r.prompt_tps, 3) for r in runs],
+        "generation_tps_runs": [round(r.generation_tps, 3) for r in runs],
+        "device": str(mx.default_device()),
+    }

@@ -1,0 +1,209 @@
+"""The `edge-ds` command line: convert, generate, chat, info, bench."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import EdgeDSError
+
+
+class Group(click.Group):
+    """Prints user errors as one line on stderr and exits 1, never with a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeDSError as e:
+            click.echo(f"edge-ds: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-ds")
+def main():
+    """Run DeepSeek-architecture models (MLA + sparse MoE) on this machine."""
+
+
+def sampling_options(f):
+    options = [
+        click.option("--max-tokens", "-m", default=256, show_default=True, help="Tokens to generate at most."),
+        click.option("--temp", default=0.0, show_default=True, help="Sampling temperature (0: greedy)."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: off)."),
+        click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min-p x the top probability."),
+        click.option("--repetition-penalty", default=None, type=float, help="CTRL-style penalty (> 1 discourages)."),
+        click.option("--seed", default=None, type=int, help="Random seed for sampling."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        kw["sampling"] = dict(max_tokens=kw.pop("max_tokens"), temperature=kw.pop("temp"), top_p=kw.pop("top_p"),
+                              top_k=kw.pop("top_k"), min_p=kw.pop("min_p"),
+                              repetition_penalty=kw.pop("repetition_penalty"), seed=kw.pop("seed"),
+                              stop=list(kw.pop("stop")))
+        return f(*args, **kw)
+
+    return wrapper
+
+
+model_option = click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+                            help="Converted model directory (default: the shipped model).")
+
+
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path())
+@click.option("--quant", "-q", type=click.Choice(["4bit", "8bit", "mxfp4", "mxfp8", "none"]), default="4bit",
+              show_default=True, help="Weight format.")
+@click.option("--group-size", type=int, default=None, help="Quantization group size (4bit/8bit: 32, 64, 128).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="bfloat16",
+              show_default=True, help="Type of unquantized weights and of scales.")
+def convert(src, dst, quant, group_size, dtype):
+    """Convert a Hugging Face checkpoint (BF16 or FP8) in SRC to an MLX model in DST."""
+    from converters.mlx import convert as run
+
+    bar = None
+
+    def progress(done: int, total: int, label: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="converting", file=sys.stderr,
+                                    show_pos=True, item_show_func=lambda x: x)
+            bar.__enter__()
+        bar.update(done - bar.pos, label)
+
+    try:
+        out = run(src, dst, quant=quant, group_size=group_size, dtype=dtype, progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(f"wrote {out}", err=True)
+
+
+def _print_stats(stats) -> None:
+    click.echo(
+        f"\n==========\nPrompt: {stats.prompt_tokens} tokens ({stats.prefilled_tokens} prefilled), "
+        f"{stats.prompt_tps:.3f} tokens-per-sec\nGeneration: {stats.generation_tokens} tokens, "
+        f"{stats.generation_tps:.3f} tokens-per-sec\nPeak memory: {stats.peak_memory_gb:.3f} GB", err=True)
+
+
+@main.command()
+@model_option
+@click.option("--prompt", "-p", required=True, help="Prompt text ('-' reads standard input).")
+@click.option("--no-chat-template", is_flag=True, help="Feed the prompt as plain text.")
+@click.option("--quiet", is_flag=True, help="Print only the generated text.")
+@sampling_options
+def generate(model_dir, prompt, no_chat_template, quiet, sampling):
+    """Generate text from a prompt."""
+    from .api import load
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    lm = load(model_dir)
+    stream = lm.stream(prompt, chat_template=False if no_chat_template else None, **sampling)
+    for chunk in stream:
+        click.echo(chunk, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if not quiet:
+        _print_stats(stream.stats)
+
+
+@main.command()
+@model_option
+@click.option("--system", default=None, help="System prompt.")
+@sampling_options
+def chat(model_dir, system, sampling):
+    """Chat in the terminal. /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
+    from .api import load
+
+    lm = load(model_dir)
+    if not lm.tokenizer.has_chat_template:
+        raise EdgeDSError(f"{lm.path}: the model has no chat template; use `edge-ds generate --no-chat-template`")
+    session = lm.chat(system)
+    click.echo(f"edge-ds chat: {lm.path.name}. /reset to start over, /exit to quit.", err=True)
+    while True:
+        try:
+            line = input(">> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            session.reset()
+            click.echo("(conversation reset)", err=True)
+            continue
+        if not cmd:
+            continue
+        stream = session.send(line, **sampling)
+        try:
+            for chunk in stream:
+                click.echo(chunk, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", err=True)
+            continue
+        click.echo()
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model_dir, as_json):
+    """Show a model's family, parameters, bits per weight, size and cache cost."""
+    from .info import model_info
+
+    facts = model_info(model_dir)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    q = facts["quantization"]
+    rows = [
+        ("family", f"{facts['family']} ({facts['model_type']})"),
+        ("layers", f"{facts['layers']} ({facts['moe_layers']} MoE, {facts['routed_experts']} experts, "
+                   f"top-{facts['experts_per_token']})"),
+        ("parameters", f"{facts['total_params'] / 1e6:,.1f}M total, {facts['active_params'] / 1e6:,.1f}M active"),
+        ("weights", f"{facts['bits_per_weight']} bits/weight"
+                    + (f" ({q['mode']} {q['bits']}-bit, group {q['group_size']})" if q else " (unquantized)")),
+        ("size on disk", f"{facts['size_on_disk_bytes'] / 1e6:,.1f} MB"),
+        ("cache", f"{facts['cache_bytes_per_token']:,} bytes/token ({facts['cache_dtype']} latent)"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:>13}: {v}")
+
+
+@main.command()
+@model_option
+@click.option("--prompt-tokens", "-p", default=128, show_default=True)
+@click.option("--generation-tokens", "-g", default=64, show_default=True)
+@click.option("--num-trials", "-n", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json):
+    """Measure prompt and generation tokens/s (same meaning as mlx-lm's benchmark)."""
+    from .api import load
+    from .bench import run_bench
+
+    if prompt_tokens < 1 or generation_tokens < 1 or num_trials < 1:
+        raise EdgeDSError("-p, -g and -n must be at least 1")
+    result = run_bench(load(model_dir), prompt_tokens, generation_tokens, num_trials)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"prompt_tps={result['prompt_tps']:.3f} generation_tps={result['generation_tps']:.3f} "
+                   f"peak_memory={result['peak_memory_gb']:.3f} GB ({num_trials} trials, median)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Static facts about a model directory, read from headers only (no weights loaded)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .loading import compute_dtype, quantization_of, weight_files
+
+FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2": "Kimi-K2"}
+
+
+def model_info(directory: str | Path) -> dict:
+    directory = Path(directory)
+    cfg = ModelConfig.load(directory)
+    ckpt = Checkpoint(directory)
+    main = set(weight_files(directory))
+    total = routed = 0
+    weight_bytes = 0
+    for name in ckpt.names():
+        info = ckpt.info(name)
+        if info.path not in main:
+            continue
+        weight_bytes += info.nbytes
+        if name.endswith((".scales", ".biases")):
+            continue
+        count = 1
+        for d in info.shape:
+            count *= d
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base and f"{base}.scales" in ckpt:
+            q = quantization_of(cfg, base) or {"bits": 4}
+            count = count * 32 // q["bits"]  # uint32 words hold 32 / bits values
+        total += count
+        if ".switch_mlp." in name or re.search(r"\.mlp\.experts\.\d+\.", name):
+            routed += count
+    E, k = cfg.n_routed_experts or 1, cfg.num_experts_per_tok
+    active = total - routed + routed * k // E
+    dtype = compute_dtype()
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    return {
+        "path": str(directory),
+        "family": FAMILIES[cfg.model_type] + ("-Lite" if cfg.model_type == "deepseek_v2" and cfg.q_lora_rank is None else ""),
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "moe_layers": len(cfg.moe_layers),
+        "routed_experts": cfg.n_routed_experts,
+        "experts_per_token": cfg.num_experts_per_tok,
+        "total_params": total,
+        "active_params": active,
+        "routed_expert_params": routed,
+        "bits_per_weight": round(weight_bytes * 8 / max(total, 1), 3),
+        "quantization": cfg.quantization,
+        "size_on_disk_bytes": size,
+        "cache_bytes_per_token": cfg.num_hidden_layers * cfg.latent_dim * dtype.size,
+        "cache_dtype": str(dtype).replace("mlx.core.", ""),
+        "max_position_embeddings": cfg.max_position_embeddings,
+    }

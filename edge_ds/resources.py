@@ -1,0 +1,25 @@
+"""Where the shipped default model lives (Package.resources/ in a checkout, edge_ds_resources installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import EdgeDSError
+
+DEFAULT_MODEL = "edge-ds-tiny"
+
+
+def resources_dir() -> Path:
+    try:
+        import edge_ds_resources  # Package.resources/, mapped to this name by pyproject.toml
+
+        return Path(list(edge_ds_resources.__path__)[0])
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "Package.resources"
+
+
+def default_model_path() -> Path:
+    path = resources_dir() / DEFAULT_MODEL
+    if not (path / "config.json").is_file():
+        raise EdgeDSError(f"no default model at {path}; pass --model DIR (a converted model directory)")
+    return path

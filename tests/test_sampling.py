@@ -1,0 +1,177 @@
+"""Sampling tests: filters, reproducibility, empirical distributions, repetition penalty."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from edge_ds.errors import EdgeDSError
+from edge_ds.sampling import apply_repetition_penalty, make_sampler, seed
+
+
+def _logprobs(probs: list[float], rows: int = 1) -> mx.array:
+    row = mx.log(mx.array(probs, dtype=mx.float32))
+    return mx.broadcast_to(row, (rows, len(probs)))
+
+
+def _draws(sampler, probs: list[float], n: int) -> np.ndarray:
+    # One call over n identical rows: every row is an independent draw.
+    out = sampler(_logprobs(probs, n))
+    assert out.shape == (n,)
+    return np.array(out)
+
+
+def _random_logprobs(shape: tuple[int, int], key: int = 0) -> mx.array:
+    logits = mx.random.normal(shape, key=mx.random.key(key)) * 3
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def test_greedy_is_argmax():
+    lp = _random_logprobs((8, 1000))
+    out = make_sampler(temperature=0.0)(lp)
+    assert out.shape == (8,)
+    assert np.array_equal(np.array(out), np.array(mx.argmax(lp, axis=-1)))
+
+
+def test_top_k_1_is_argmax():
+    lp = _random_logprobs((1, 300))
+    many = mx.broadcast_to(lp, (500, 300))
+    seed(0)
+    out = np.array(make_sampler(temperature=1.0, top_k=1)(many))
+    assert (out == int(mx.argmax(lp))).all()
+
+
+def test_top_k_keeps_k_tokens_renormalised():
+    probs = [0.4, 0.3, 0.2, 0.1]
+    seed(1)
+    out = _draws(make_sampler(temperature=1.0, top_k=2), probs, 20000)
+    freq = np.bincount(out, minlength=4) / len(out)
+    assert np.allclose(freq, [0.4 / 0.7, 0.3 / 0.7, 0, 0], atol=0.02)
+
+
+def test_top_p_covering_top_token_returns_it():
+    seed(2)
+    out = _draws(make_sampler(temperature=1.0, top_p=0.5), [0.25, 0.6, 0.1, 0.05], 2000)
+    assert (out == 1).all()
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    probs = [0.6, 0.25, 0.1, 0.05]
+    seed(3)
+    out = _draws(make_sampler(temperature=1.0, top_p=0.8), probs, 20000)
+    freq = np.bincount(out, minlength=4) / len(out)
+    assert np.allclose(freq, [0.6 / 0.85, 0.25 / 0.85, 0, 0], atol=0.02)
+    # Exactly reaching the mass is enough: 0.6 + 0.25 >= 0.85 keeps two tokens, not three.
+    out = _draws(make_sampler(temperature=1.0, top_p=0.85 - 1e-6), probs, 5000)
+    assert set(np.unique(out)) == {0, 1}
+
+
+def test_top_p_applies_after_top_k():
+    # After top_k=2 the survivors are 0.4/0.7 and 0.3/0.7; top_p=0.5 of that keeps only the first.
+    seed(4)
+    out = _draws(make_sampler(temperature=1.0, top_k=2, top_p=0.5), [0.4, 0.3, 0.2, 0.1], 2000)
+    assert (out == 0).all()
+
+
+def test_min_p_filters_unlikely_tokens():
+    probs = [0.5, 0.3, 0.15, 0.05]  # min_p 0.2 -> threshold 0.1: drops only the last token
+    seed(5)
+    out = _draws(make_sampler(temperature=1.0, min_p=0.2), probs, 2000)
+    assert 3 not in out
+    assert set(np.unique(out)) == {0, 1, 2}
+
+
+def test_min_tokens_to_keep():
+    seed(6)
+    out = _draws(make_sampler(temperature=1.0, top_p=0.1, min_tokens_to_keep=2), [0.6, 0.3, 0.1], 2000)
+    assert set(np.unique(out)) == {0, 1}
+    out = _draws(make_sampler(temperature=1.0, min_p=0.9, min_tokens_to_keep=2), [0.6, 0.3, 0.1], 2000)
+    assert set(np.unique(out)) == {0, 1}
+
+
+def test_seed_reproducible():
+    lp = _random_logprobs((64, 50))
+    sampler = make_sampler(temperature=1.0, top_p=0.95, top_k=40)
+    seed(123)
+    a = np.array(sampler(lp))
+    b = np.array(sampler(lp))
+    seed(123)
+    assert np.array_equal(np.array(sampler(lp)), a)
+    assert np.array_equal(np.array(sampler(lp)), b)
+    seed(124)
+    assert not np.array_equal(np.array(sampler(lp)), a)
+
+
+def test_seed_none_is_noop():
+    seed(7)
+    first = np.array(mx.random.uniform(shape=(4,)))
+    seed(7)
+    seed(None)
+    assert np.array_equal(np.array(mx.random.uniform(shape=(4,))), first)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_empirical_distribution(temperature):
+    probs = np.array([0.5, 0.25, 0.15, 0.1])
+    target = probs ** (1 / temperature)
+    target /= target.sum()
+    seed(8)
+    out = _draws(make_sampler(temperature=temperature), probs.tolist(), 20000)
+    freq = np.bincount(out, minlength=4) / len(out)
+    assert np.abs(freq - target).max() < 0.02
+
+
+def test_batch_rows_are_independent():
+    lp = mx.concatenate([_logprobs([1.0, 0.0, 0.0]), _logprobs([0.0, 0.0, 1.0])])
+    seed(9)
+    out = make_sampler(temperature=1.0, top_p=0.9, min_p=0.05)(lp)
+    assert out.tolist() == [0, 2]
+
+
+def test_repetition_penalty():
+    logits = mx.array([[2.0, -1.0, 0.5, -3.0, 1.0]])
+    out = apply_repetition_penalty(logits, [0, 1, 1, 3], penalty=2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, -6.0, 1.0]]
+    # Only the last context_size ids count.
+    out = apply_repetition_penalty(logits, [0, 1, 4], penalty=2.0, context_size=2)
+    assert out.tolist() == [[2.0, -2.0, 0.5, -3.0, 0.5]]
+    # mx.array history, per row.
+    batch = mx.concatenate([logits, logits])
+    out = apply_repetition_penalty(batch, mx.array([[0], [3]]), penalty=2.0)
+    assert out.tolist() == [[1.0, -1.0, 0.5, -3.0, 1.0], [2.0, -1.0, 0.5, -6.0, 1.0]]
+    # A 1-D history applies to every row.
+    out = apply_repetition_penalty(batch, [2], penalty=0.5)
+    assert out[:, 2].tolist() == [1.0, 1.0]
+
+
+def test_repetition_penalty_noops():
+    logits = mx.array([[2.0, -1.0]])
+    assert apply_repetition_penalty(logits, [0, 1], penalty=1.0) is logits
+    assert apply_repetition_penalty(logits, [], penalty=1.3) is logits
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    ({"temperature": -0.1}, "--temperature"),
+    ({"temperature": math.nan}, "--temperature"),
+    ({"top_p": 0.0}, "--top-p"),
+    ({"top_p": 1.5}, "--top-p"),
+    ({"top_k": -1}, "--top-k"),
+    ({"min_p": 1.5}, "--min-p"),
+    ({"min_p": -0.1}, "--min-p"),
+    ({"min_tokens_to_keep": 0}, "min_tokens_to_keep"),
+])
+def test_invalid_options(kwargs, option):
+    with pytest.raises(EdgeDSError, match=option):
+        make_sampler(**kwargs)
+
+
+def test_top_p_message():
+    with pytest.raises(EdgeDSError, match=r"^--top-p must be in \(0, 1\], got 1.5$"):
+        make_sampler(top_p=1.5)
+
+
+@pytest.mark.parametrize("penalty", [0.0, -1.0])
+def test_invalid_repetition_penalty(penalty):
+    with pytest.raises(EdgeDSError, match="--repetition-penalty"):
+        apply_repetition_penalty(mx.zeros((1, 4)), [1], penalty)
