@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from .layers import HeadLinear
+from .layers import HeadLinear, Linear
 from .mla import MLA
 from .moe import MLP, MoE
 
@@ -44,7 +44,7 @@ class Model(nn.Module):
         self.config = cfg
         self.model = DeepseekModel(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.dtype = mx.float32
 
     @property

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from .layers import HeadLinear
+from .layers import HeadLinear, Linear
 from .rope import RoPE
 
 
@@ -34,12 +34,12 @@ class MLA(nn.Module):
         bias = cfg.attention_bias
 
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.hidden_size, H * qk, bias=False)
+            self.q_proj = Linear(cfg.hidden_size, H * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, eps=1e-6)  # as transformers: not rms_norm_eps
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.latent_dim, bias=bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.latent_dim, bias=bias)
         self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, eps=1e-6)
         # kv_b_proj split per head: W_UK (latent <-> nope) and W_UV (latent -> v).
         # embed_q is stored [H, kv_lora, nope] (mlx-lm's deepseek_v3 layout) unless
@@ -47,7 +47,7 @@ class MLA(nn.Module):
         self.embed_q = HeadLinear(self.nope_dim, self.kv_lora_rank, H)
         self.embed_q_latent_last = False
         self.unembed_out = HeadLinear(self.kv_lora_rank, self.v_dim, H)
-        self.o_proj = nn.Linear(H * self.v_dim, cfg.hidden_size, bias=bias)
+        self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, bias=bias)
         self.rope = RoPE(self.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
     def nope_to_latent(self, q_nope: mx.array) -> mx.array:
