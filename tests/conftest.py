@@ -14,16 +14,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.tiny_models import STYLES, make_hf_model, save_hf  # noqa: E402
-
-KINDS = tuple(STYLES)  # v3, v2lite, moonlight, v2grouped
+from tests.tiny_models import make_hf_model, save_hf  # noqa: E402
 
 
 def pytest_configure(config):
@@ -82,12 +79,6 @@ class TinyZoo:
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> TinyZoo:
     return TinyZoo(tmp_path_factory.mktemp("zoo"))
-
-
-@pytest.fixture(scope="session", params=KINDS)
-def tiny(request, zoo) -> Tiny:
-    """Each style's default tiny model (seed 0), once per session."""
-    return zoo.hf(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ matmuls, expert gathers, the kv_b_proj split) from quantization noise.
 from __future__ import annotations
 
 import json
+
+import ml_dtypes
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_ds.cache import PromptCache
 from edge_ds.loading import load_model
 from tests.tiny_models import hf_logits, make_hf_model
 
@@ -34,8 +37,8 @@ def rel_err(got, ref) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-def run(model, toks: np.ndarray) -> np.ndarray:
-    out = model(mx.array(toks))
+def run(model, toks: np.ndarray, cache=None) -> np.ndarray:
+    out = model(mx.array(toks), cache=cache)
     mx.eval(out)
     return np.array(out)
 
@@ -61,6 +64,21 @@ def dequantize_affine(packed, scales, biases, group_size: int, bits: int) -> np.
     return s * q + b
 
 
+FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)  # magnitudes; bit 3 is the sign
+
+
+def dequantize_mx(packed, scales, group_size: int, bits: int) -> np.ndarray:
+    """MLX's mxfp4/mxfp8: e2m1 / e4m3 elements packed little-end-first into uint32 words, one
+    E8M0 scale (2^(s - 127)) per group of 32."""
+    assert packed.dtype == np.uint32 and scales.dtype == np.uint8 and group_size == 32
+    if bits == 8:
+        q = np.ascontiguousarray(packed).view(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    else:
+        nib = unpack_affine(packed, 4)
+        q = FP4_E2M1[nib & 7] * np.where(nib & 8, np.float32(-1), np.float32(1))
+    return q * np.repeat(np.exp2(scales.astype(np.float32) - 127), group_size, axis=-1)
+
+
 def read_dir(path: Path) -> dict[str, np.ndarray]:
     index = json.loads((path / "model.safetensors.index.json").read_text())
     out = {}
@@ -73,8 +91,7 @@ def read_dir(path: Path) -> dict[str, np.ndarray]:
 def dequantized_hf_state(path: Path, hf_model) -> dict[str, torch.Tensor]:
     """The converted dir's weights, dequantized and mapped back to transformers' in-memory layout."""
     cfg = json.loads((path / "config.json").read_text())
-    gs, bits = cfg["quantization"]["group_size"], cfg["quantization"]["bits"]
-    assert cfg["quantization"]["mode"] == "affine"
+    gs, bits, mode = (cfg["quantization"][k] for k in ("group_size", "bits", "mode"))
     raw = read_dir(path)
 
     flat: dict[str, np.ndarray] = {}
@@ -82,8 +99,11 @@ def dequantized_hf_state(path: Path, hf_model) -> dict[str, torch.Tensor]:
         if name.endswith((".scales", ".biases")):
             continue
         base = name[: -len("weight")]
-        if base + "scales" in raw:
+        if base + "scales" in raw and mode == "affine":
             a = dequantize_affine(a, raw[base + "scales"], raw[base + "biases"], gs, bits)
+        elif base + "scales" in raw:
+            assert base + "biases" not in raw
+            a = dequantize_mx(a, raw[base + "scales"], gs, bits)
         flat[name] = a.astype(np.float32)
 
     # mlx-lm layout -> HF checkpoint layout (per-expert tensors, kv_b_proj)
@@ -138,9 +158,14 @@ def test_numpy_unpack_matches_mx_dequantize():
             # scale so that the group's extreme value is exact, so not always half a step)
             step = np.repeat(np.abs(np.array(scales)), gs, axis=-1)
             assert (np.abs(mine - np.array(w)) <= step + 1e-6).all()
+    for mode, bits in (("mxfp4", 4), ("mxfp8", 8)):
+        w = mx.array(rng.standard_normal((3, 5, 128)).astype(np.float32))
+        packed, scales = mx.quantize(w, 32, bits, mode=mode)
+        ref = np.array(mx.dequantize(packed, scales, group_size=32, bits=bits, mode=mode, dtype=mx.float32))
+        np.testing.assert_array_equal(dequantize_mx(np.array(packed), np.array(scales), 32, bits), ref)
 
 
-@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+@pytest.mark.parametrize("quant", ["4bit", "8bit", "mxfp4", "mxfp8"])
 @pytest.mark.parametrize("kind", ["v3", "v2lite"])
 def test_quantized_compute_matches_transformers_on_dequantized_weights(zoo, kind, quant):
     tiny = zoo.hf(kind, seed=11, **WIDE_BY_KIND[kind])
@@ -156,18 +181,22 @@ def test_quantized_compute_matches_transformers_on_dequantized_weights(zoo, kind
     assert ("model.layers.0.self_attn.embed_q.scales" in names) == (kind == "v3")
 
     oracle = make_hf_model(kind, seed=999, **WIDE_BY_KIND[kind])  # its weights are all replaced
-    state = dequantized_hf_state(qdir, oracle)
-    oracle.load_state_dict(state, strict=True)
+    oracle.load_state_dict(dequantized_hf_state(qdir, oracle), strict=True)
 
     toks = np.random.default_rng(12).integers(0, WIDE["vocab_size"], size=(2, 24))
     ref = hf_logits(oracle, toks)
-    got = run(load_model(qdir), toks)
-    err = rel_err(got, ref)
+    model = load_model(qdir)
+    # many rows at once (CPU: weights unpacked, dense matmuls), then the quantized kernels:
+    # a 5-token prefill (10 rows) and one token at a time with the latent cache
+    full = rel_err(run(model, toks), ref)
+    cache = PromptCache(len(model.layers))
+    steps = [run(model, toks[:, :5], cache)] + [run(model, toks[:, i : i + 1], cache) for i in range(5, 12)]
+    decode = rel_err(np.concatenate(steps, axis=1), ref[:, :12])
     noise = rel_err(ref, hf_logits(tiny.model, toks))  # quantization noise, for scale
-    print(f"\n{kind} {quant}: edge-ds vs transformers(dequantized) rel err {err:.2e} "
-          f"(quantization noise vs float: {noise:.2e})")
-    assert err < 1e-3
-    assert noise > 10 * err  # the weights really are the quantized ones, not the float ones
+    print(f"\n{kind} {quant}: edge-ds vs transformers(dequantized) rel err: prefill {full:.2e}, "
+          f"cached decode {decode:.2e} (quantization noise vs float: {noise:.2e})")
+    assert full < 1e-3 and decode < 1e-3
+    assert noise > 10 * max(full, decode)  # the weights really are the quantized ones, not the float ones
 
 
 # --- quality report ---------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class Router(nn.Module):
         k = self.top_k
         indices = mx.argpartition(-choice, kth=k - 1, axis=-1)[:, :k]
         weights = mx.take_along_axis(scores, indices, axis=-1)
-        if self.norm_topk_prob and k > 1:
+        if self.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdims=True)
         return indices, weights * self.scaling
 
