@@ -10,6 +10,24 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+class _Quantized(nn.Module):
+    """weight (packed uint32), scales and, for affine, biases: mlx-lm's names."""
+
+    def __init__(self, group_size: int, bits: int, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight = self.scales = mx.zeros((0,))
+        if mode == "affine":
+            self.biases = mx.zeros((0,))
+        self.freeze()
+
+    def set_weight(self, weight: mx.array) -> "_Quantized":
+        self.weight, self.scales, *b = mx.quantize(weight, self.group_size, self.bits, mode=self.mode)
+        if b:
+            self.biases = b[0]
+        return self
+
+
 class HeadLinear(nn.Module):
     """Per-head matmul: x [B, H, L, in] -> [B, H, L, out] with weight [H, out, in].
 
@@ -25,22 +43,10 @@ class HeadLinear(nn.Module):
         return x @ (self.weight.swapaxes(-1, -2) if transpose else self.weight)
 
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine") -> "QuantizedHeadLinear":
-        q = QuantizedHeadLinear(group_size, bits, mode)
-        q.weight, q.scales, *b = mx.quantize(self.weight, group_size, bits, mode=mode)
-        if b:
-            q.biases = b[0]
-        return q
+        return QuantizedHeadLinear(group_size, bits, mode).set_weight(self.weight)
 
 
-class QuantizedHeadLinear(nn.Module):
-    def __init__(self, group_size: int, bits: int, mode: str = "affine"):
-        super().__init__()
-        self.group_size, self.bits, self.mode = group_size, bits, mode
-        self.weight = self.scales = mx.zeros((0,))
-        if mode == "affine":
-            self.biases = mx.zeros((0,))
-        self.freeze()
-
+class QuantizedHeadLinear(_Quantized):
     def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
         if dense_prefill(x.shape[-2]):
             w = unpack(self, x.dtype)
@@ -61,25 +67,10 @@ class ExpertLinear(nn.Module):
                             sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine") -> "QuantizedExpertLinear":
-        q = QuantizedExpertLinear(group_size, bits, mode)
-        q.weight, q.scales, *b = mx.quantize(self.weight, group_size, bits, mode=mode)
-        if b:
-            q.biases = b[0]
-        return q
-
-    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
-        return self["weight"].astype(dtype)
+        return QuantizedExpertLinear(group_size, bits, mode).set_weight(self.weight)
 
 
-class QuantizedExpertLinear(nn.Module):
-    def __init__(self, group_size: int, bits: int, mode: str = "affine"):
-        super().__init__()
-        self.group_size, self.bits, self.mode = group_size, bits, mode
-        self.weight = self.scales = mx.zeros((0,))
-        if mode == "affine":
-            self.biases = mx.zeros((0,))
-        self.freeze()
-
+class QuantizedExpertLinear(_Quantized):
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         if sorted_indices and dense_prefill(indices.size):
             return mx.gather_mm(x, unpack(self, x.dtype).swapaxes(-1, -2), rhs_indices=indices,
@@ -87,10 +78,6 @@ class QuantizedExpertLinear(nn.Module):
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
                              transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
                              sorted_indices=sorted_indices)
-
-    def dense_weight(self, dtype: mx.Dtype) -> mx.array:
-        return mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                             bits=self.bits, mode=self.mode, dtype=dtype)
 
 
 # --- CPU prefill ----------------------------------------------------------------------
