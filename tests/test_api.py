@@ -157,3 +157,18 @@ def test_cli_user_errors_are_one_line(args):
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "/nonexistent" in r.stderr
+
+
+def test_split_decode_matvec_matches_unsplit(lm, monkeypatch):
+    """Decode splits wide quantized matvecs over two CPU streams; force it on the tiny head."""
+    import mlx.core as mx
+
+    from edge_ds.models import layers
+
+    monkeypatch.setattr(layers, "SPLIT_ROWS", 64)  # the head has 300 rows
+    prompt = lm.tokenizer.encode("the quick brown fox")
+    cache = lm.new_cache()
+    lm.model(mx.array([prompt[:-1]]), cache=cache)
+    step = np.array(lm.model(mx.array([prompt[-1:]]), cache=cache))[0, -1]  # one row: split path
+    full = lm.logits([prompt])[0, -1]  # several rows: one kernel call
+    assert np.abs(step - full).max() / np.abs(full).max() < 1e-5
