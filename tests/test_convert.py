@@ -15,6 +15,7 @@ import ml_dtypes
 import mlx.core as mx
 import numpy as np
 import pytest
+
 import torch
 from safetensors.numpy import load_file as np_load
 from safetensors.torch import save_file as torch_save
@@ -22,7 +23,7 @@ from safetensors.torch import save_file as torch_save
 from converters.mlx import convert
 from edge_ds.errors import EdgeDSError
 from edge_ds.loading import load_model
-from tests.tiny_models import hf_logits, make_hf_model, save_hf
+from tests.tiny_models import condition, hf_logits, make_hf_model, save_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -114,22 +115,6 @@ def fp8_dequantize_loop(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
             rs, cs = slice(bi * 128, (bi + 1) * 128), slice(bj * 128, (bj + 1) * 128)
             out[rs, cs] = q[rs, cs].astype(np.float32) * np.float32(scale[bi, bj])
     return out
-
-
-def condition(model):
-    """Rescale a tiny model to behave more like a trained one (see test_quantized.conditioned_model):
-    unit-RMS embeddings carry the residual stream, o_proj/down_proj add small updates, a larger
-    lm_head peaks the outputs. The default init is chaotic, so any weight noise (FP8 included)
-    scrambles its logits and "close to the float model" would mean nothing."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("embed_tokens.weight"):
-                p.mul_(1.0 / 0.08)
-            elif "o_proj" in name or "down_proj" in name:
-                p.mul_(0.3)
-            elif name.startswith("lm_head"):
-                p.mul_(3.0)
-    return model
 
 
 def transformers_state(hf: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 
 from edge_ds.cache import PromptCache
 from edge_ds.loading import load_model
-from tests.tiny_models import hf_logits, make_hf_model
+from tests.tiny_models import condition, hf_logits, make_hf_model
 
 # Wide enough that group_size 64 divides the input width of every projection:
 # hidden 128, q_lora 64, kv_lora 64, nope 64, H*v 128, intermediate 192, moe_intermediate 64.
@@ -222,16 +222,7 @@ def conditioned_model(kind: str, seed: int):
     larger lm_head gives peaked next-token distributions (entropy ~2.8 nats, not ~5.1 of a
     maximum 5.5). The default init is chaotic: 4-bit noise alone scrambles its flat outputs,
     so top-1 and KL could not tell a working quantizer from a broken one."""
-    model = make_hf_model(kind, seed, **WIDE_BY_KIND[kind])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("embed_tokens.weight"):
-                p.mul_(1.0 / 0.08)
-            elif "o_proj" in name or "down_proj" in name:
-                p.mul_(0.3)
-            elif name.startswith("lm_head"):
-                p.mul_(3.0)
-    return model
+    return condition(make_hf_model(kind, seed, **WIDE_BY_KIND[kind]))
 
 
 @pytest.mark.parametrize("kind", ["v3", "v2lite"])

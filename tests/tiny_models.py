@@ -57,6 +57,24 @@ def make_hf_model(kind: str, seed: int = 0, **overrides):
     return model.float().eval()
 
 
+def condition(model):
+    """Rescales a tiny model to behave more like a trained one: unit-RMS embeddings carry the
+    residual stream, o_proj/down_proj add small updates, a larger lm_head peaks the outputs.
+    The default init is chaotic, so any weight noise (4-bit, FP8) scrambles its flat logits
+    and "close to the float model" would mean nothing."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("embed_tokens.weight"):
+                p.mul_(1.0 / 0.08)
+            elif "o_proj" in name or "down_proj" in name:
+                p.mul_(0.3)
+            elif name.startswith("lm_head"):
+                p.mul_(3.0)
+    return model
+
+
 def save_hf(model, path: Path, dtype=None) -> Path:
     """save_pretrained (per-expert names) and a minimal tokenizer-free dir."""
     import torch
