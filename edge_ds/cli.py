@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -203,6 +204,34 @@ def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json):
     else:
         click.echo(f"prompt_tps={result['prompt_tps']:.3f} generation_tps={result['generation_tps']:.3f} "
                    f"peak_memory={result['peak_memory_gb']:.3f} GB ({num_trials} trials, median)")
+
+
+@main.command()
+@model_option
+@click.option("--file", "text_file", type=click.Path(dir_okay=False), required=True,
+              help="UTF-8 text to score.")
+@click.option("--window", default=256, show_default=True, help="Tokens predicted per window.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def perplexity(model_dir, text_file, window, as_json):
+    """Perplexity of a text file (non-overlapping windows, BOS at the start)."""
+    from .api import load
+    from .perplexity import perplexity as measure
+
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeDSError(f"{text_file}: cannot read as UTF-8 text ({e})") from None
+    if window < 1:
+        raise EdgeDSError(f"--window must be at least 1, got {window}")
+    try:
+        result = measure(load(model_dir), text, window)
+    except ValueError as e:
+        raise EdgeDSError(f"{text_file}: {e}") from None
+    if as_json:
+        click.echo(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
+                               "tokens": result.tokens, "window": window}, indent=2))
+    else:
+        click.echo(f"perplexity={result.perplexity:.4f} ({result.tokens} tokens, window {window})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""Perplexity of a text under a model, the way llama.cpp's and mlx-lm's perplexity tools measure it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    mean_nll: float  # nats per predicted token
+    tokens: int  # predicted tokens
+
+
+def split_windows(ids: list[int], window: int) -> list[list[int]]:
+    """Non-overlapping windows of window + 1 tokens sharing one token at each seam; each window
+    predicts its last `window` tokens from what precedes them inside the window."""
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    return [ids[i:i + window + 1] for i in range(0, len(ids) - 1, window)]
+
+
+def window_nll(model, windows: list[list[int]], batch: int = 8) -> tuple[float, int]:
+    """Sum of -log p(token | window prefix) over all windows, and the count of predicted tokens."""
+    total, count = 0.0, 0
+    by_length: dict[int, list[list[int]]] = {}
+    for w in windows:
+        by_length.setdefault(len(w), []).append(w)
+    for group in by_length.values():
+        for i in range(0, len(group), batch):
+            tokens = mx.array(np.array(group[i:i + batch], dtype=np.int32))  # [B, T + 1]
+            logits = model(tokens[:, :-1]).astype(mx.float32)  # [B, T, V]
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            picked = mx.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)  # [B, T, 1]
+            total -= picked.sum().item()
+            count += picked.size
+    return total, count
+
+
+def perplexity(lm, text: str, window: int = 256, batch: int = 8) -> Perplexity:
+    """Perplexity of `text` (encoded with BOS, as one sequence) under a loaded LanguageModel."""
+    ids = lm.tokenizer.encode(text)
+    nll, count = window_nll(lm.model, split_windows(ids, window), batch)
+    if count == 0:
+        raise ValueError("text is too short: it must encode to at least two tokens")
+    return Perplexity(math.exp(nll / count), nll / count, count)
