@@ -45,26 +45,50 @@ class TextStream:
             yield chunk
 
 
-def load(path: str | Path | None = None, backend: str = "mlx", expert_budget=None) -> "LanguageModel":
-    """Loads a model directory (or the shipped default model when path is None)."""
+def load(path: str | Path | None = None, backend: str = "mlx", expert_budget: int | str | None = None, *,
+         expert_policy: str = "hybrid", prefetch: bool = False, trace: str | Path | None = None) -> "LanguageModel":
+    """Loads a model directory (or the shipped default model when path is None).
+
+    expert_budget (bytes, "2GB", "512MiB" or "25%" of the routed-expert bytes) keeps the trunk
+    resident and reads routed experts on demand into a cache of at most that many bytes; results
+    are bit-identical to the fully resident model. `trace` records routing to a JSONL file
+    (implies lazy experts, with the whole model as budget when none is given).
+    """
     if backend != "mlx":
         raise EdgeDSError(f"backend {backend!r} is not available in this build (available: mlx)")
-    if expert_budget is not None:
-        raise EdgeDSError("expert_budget: lazy expert loading is not available in this build")
     directory = Path(path) if path is not None else default_model_path()
     if not directory.is_dir():
         raise EdgeDSError(f"{directory}: no such model directory")
-    return LanguageModel(load_model(directory), Tokenizer.load(directory), directory)
+    if expert_budget is None and trace is None:
+        return LanguageModel(load_model(directory), Tokenizer.load(directory), directory)
+    from .experts import attach_experts
+
+    model = load_model(directory, routed_experts=False)
+    experts = attach_experts(model, directory, "100%" if expert_budget is None else expert_budget,
+                             policy=expert_policy, prefetch=prefetch)
+    if trace is not None:
+        from .trace import TraceRecorder
+
+        experts.recorder = TraceRecorder.for_cache(trace, experts, directory)
+    return LanguageModel(model, Tokenizer.load(directory), directory, experts)
 
 
 class LanguageModel:
-    """A loaded model and its tokenizer."""
+    """A loaded model and its tokenizer (and, with an expert budget, its expert cache)."""
 
-    def __init__(self, model, tokenizer: Tokenizer, path: Path):
+    def __init__(self, model, tokenizer: Tokenizer, path: Path, experts=None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.config: ModelConfig = model.config
+        self.experts = experts  # experts.ExpertCache, or None when every expert is resident
+
+    def expert_stats(self) -> dict:
+        """Hits, misses, hit rate per layer, bytes read per decoded token, read GB/s, resident
+        expert bytes (see experts/stats.py). Only for models loaded with an expert budget."""
+        if self.experts is None:
+            raise EdgeDSError("expert_stats: this model was loaded without expert_budget (all experts resident)")
+        return self.experts.stats_dict()
 
     @property
     def fingerprint(self) -> str:

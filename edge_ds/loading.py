@@ -12,6 +12,7 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .errors import EdgeDSError
 from .models.deepseek import Model
+from .models.moe import MoE
 
 
 def compute_dtype() -> mx.Dtype:
@@ -62,11 +63,20 @@ def quantization_of(cfg: ModelConfig, path: str) -> dict | None:
     return base
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: bool = True) -> Model:
+    """routed_experts=False loads the trunk only: routed-expert tensors are never read and each
+    MoE layer is left without `switch_mlp` for experts.attach_experts to provide."""
     directory = Path(path)
     cfg = ModelConfig.load(directory)
     model = Model(cfg)
     weights = read_weights(directory)
+    if not routed_experts:
+        from .experts.store import is_routed_expert
+
+        weights = {k: v for k, v in weights.items() if not is_routed_expert(k)}  # lazy arrays: never read
+        for layer in model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.pop("switch_mlp")
     if any(k.endswith("_scale_inv") for k in weights):
         raise EdgeDSError(f"{directory}: FP8 checkpoint; convert it first (edge-ds convert {directory} OUT)")
     weights = model.sanitize(weights)

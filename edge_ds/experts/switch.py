@@ -1,0 +1,151 @@
+"""LazySwitchGLU: the routed experts of one MoE layer, computed from ExpertCache slots.
+
+It stands in for models.moe.SwitchGLU (same call: x [N, D], indices [N, k] -> [N, k, D]) and
+follows the same arithmetic path, so results are bit-identical to the resident model:
+  - decode-sized calls (< SORT_PAIRS pairs): one gather_qmm over the cache pool with slot
+    indices instead of expert indices; each (token, expert) pair is computed the same way;
+  - prefill-sized calls: pairs sorted by expert exactly as SwitchGLU sorts them; each group
+    of experts ("wave") gets a compact stack of its slots in expert order, so the sorted,
+    grouped multiply sees the same rows in the same order, and the dense-vs-quantized choice
+    is made on the whole call's size as QuantizedExpertLinear makes it.
+A call needs more experts than fit at once only when the budget is small (prefill); it then
+runs in waves that reuse the slots, each evaluated before its slots are refilled.
+
+The router's choice must be known on the host to read the right experts, so each call
+evaluates `indices` (one synchronisation per MoE layer; see benchmarks/experts.py for its cost).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..models.layers import dense_prefill, unpack
+from .cache import ExpertCache
+from .store import PROJS
+
+SORT_PAIRS = 64  # SwitchGLU sorts (token, expert) pairs by expert from this many pairs on
+PREFILL_TOKENS = 16  # calls with this many tokens stream past the cache (prefill)
+
+
+class _Quantized:
+    """What layers.unpack needs from a quantized module, over arrays we pass in."""
+
+    def __init__(self, q: dict, arrays: dict[str, mx.array], proj: str):
+        self.group_size, self.bits, self.mode = q["group_size"], q["bits"], q["mode"]
+        self._arrays = {k: arrays.get(f"{proj}.{k}") for k in ("weight", "scales", "biases")}
+
+    def __getitem__(self, k: str) -> mx.array:
+        return self._arrays[k]
+
+    def get(self, k: str, default=None):
+        v = self._arrays.get(k)
+        return default if v is None else v
+
+
+class LazySwitchGLU:
+    """Routed experts of MoE layer `layer`, read on demand into `cache`; x [N, D], indices [N, k] -> [N, k, D]."""
+
+    def __init__(self, layer: int, cache: ExpertCache, quant: dict[str, dict | None],
+                 next_gate: nn.Module | None = None, next_layer: int | None = None):
+        self.layer = layer
+        self.cache = cache
+        self.quant = quant  # proj -> {"group_size", "bits", "mode"} or None (float experts)
+        self.next_gate, self.next_layer = next_gate, next_layer
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        cache = self.cache
+        N, k = indices.shape
+        streaming = N >= PREFILL_TOKENS
+        first = cache.begin(self.layer, x, N, streaming)
+        guess = None
+        if first and not streaming and cache.prefetch_enabled and self.next_gate is not None:
+            guess = self.next_gate(x)[0]  # [N, k]: the next layer's router on this layer's input
+            mx.eval(indices, guess)
+        else:
+            mx.eval(indices)
+        idx = np.array(indices)  # [N, k]
+        if cache.recorder is not None:
+            cache.recorder.record(self.layer, cache.tokens - N, idx, streaming)
+        if indices.size >= SORT_PAIRS:
+            y = self._sorted(x, indices, idx, streaming)
+        else:
+            y = self._unsorted(x, idx, streaming)
+        if guess is not None:
+            cache.prefetch(self.next_layer, sorted(set(np.array(guess).ravel().tolist())))
+        return y
+
+    def _unsorted(self, x: mx.array, idx: np.ndarray, streaming: bool) -> mx.array:
+        N, k = idx.shape
+        remaining = sorted(set(idx.ravel().tolist()))
+        got = self.cache.acquire(self.layer, remaining, streaming)
+        if len(got) == len(remaining):  # the usual case: one gather over the pool
+            table = np.zeros(self.cache.store.num_experts, np.uint32)
+            table[[e for e, _ in got]] = [s for _, s in got]
+            slots = table[idx]  # [N, k]
+            y = self._ffn(x[:, None, None, :], mx.array(slots), self.cache.arrays, False, False)  # [N, k, 1, D]
+            self.cache.hold(y, [s for _, s in got])
+            return y.squeeze(-2)
+        # Waves: each computes its pairs, one row per pair, as the broadcast gather would.
+        flat = idx.ravel()
+        outs, positions = [], []
+        while True:
+            table = dict(got)
+            pos = np.flatnonzero(np.isin(flat, list(table)))
+            slots = np.array([table[e] for e in flat[pos]], np.uint32)
+            xs = x[mx.array(pos // k)][:, None, :]  # [P, 1, D]
+            y = self._ffn(xs, mx.array(slots), self.cache.arrays, False, False)  # [P, 1, D]
+            self.cache.hold(y, [s for _, s in got])
+            outs.append(y)
+            positions.append(pos)
+            remaining = remaining[len(got):]
+            if not remaining:
+                break
+            got = self.cache.acquire(self.layer, remaining, streaming)
+        inv = np.argsort(np.concatenate(positions))
+        return mx.concatenate(outs)[mx.array(inv)].reshape(N, k, -1)
+
+    def _sorted(self, x: mx.array, indices: mx.array, idx: np.ndarray, streaming: bool) -> mx.array:
+        N, k = idx.shape
+        order = mx.argsort(indices.flatten())  # the same ops as SwitchGLU, so the same order
+        inv = mx.argsort(order)
+        order_np = np.array(order)
+        experts_sorted = idx.ravel()[order_np]  # [N * k], ascending
+        xs = x[:, None, None, :].flatten(0, -3)[order // k]  # [N * k, 1, D]
+        dense = dense_prefill(indices.size)
+        remaining = np.unique(experts_sorted).tolist()
+        outs, start = [], 0
+        while remaining:
+            got = self.cache.acquire(self.layer, remaining, streaming)
+            wave = np.array([e for e, _ in got])
+            slots = [s for _, s in got]
+            end = int(np.searchsorted(experts_sorted, wave[-1], side="right"))
+            local = np.searchsorted(wave, experts_sorted[start:end]).astype(np.uint32)  # monotone: same order
+            pick = mx.array(np.array(slots, np.uint32))
+            stack = {key: mx.take(a, pick, axis=0) for key, a in self.cache.arrays.items()}  # [w, ...]
+            y = self._ffn(xs[start:end], mx.array(local), stack, True, dense)  # [pairs, 1, D]
+            self.cache.hold(y, slots)
+            outs.append(y)
+            start, remaining = end, remaining[len(got):]
+        y = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+        return y[inv].reshape(N, k, -1)
+
+    def _ffn(self, x: mx.array, idx: mx.array, arrays: dict[str, mx.array], sorted_: bool, dense: bool) -> mx.array:
+        g = self._linear("gate_proj", x, idx, arrays, sorted_, dense)
+        u = self._linear("up_proj", x, idx, arrays, sorted_, dense)
+        return self._linear("down_proj", nn.silu(g) * u, idx, arrays, sorted_, dense)
+
+    def _linear(self, proj: str, x: mx.array, idx: mx.array, arrays: dict[str, mx.array], sorted_: bool,
+                dense: bool) -> mx.array:
+        """ExpertLinear / QuantizedExpertLinear's arithmetic, over the given stacks."""
+        w = arrays[f"{proj}.weight"]
+        q = self.quant[proj]
+        if q is None:
+            return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_)
+        if sorted_ and dense:
+            return mx.gather_mm(x, unpack(_Quantized(q, arrays, proj), x.dtype).swapaxes(-1, -2), rhs_indices=idx,
+                                sorted_indices=True)
+        return mx.gather_qmm(x, w, arrays[f"{proj}.scales"], arrays.get(f"{proj}.biases"), rhs_indices=idx,
+                             transpose=True, group_size=q["group_size"], bits=q["bits"], mode=q["mode"],
+                             sorted_indices=sorted_)
