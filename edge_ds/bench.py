@@ -25,8 +25,10 @@ def run_bench(lm: LanguageModel, prompt_tokens: int = 128, generation_tokens: in
         return stats
 
     once()
+    if lm.experts is not None:
+        lm.experts.stats.reset()  # report the timed runs, with the cache as the warm-up left it
     runs = [once() for _ in range(trials)]
-    return {
+    result = {
         "model": str(lm.path),
         "prompt_tokens": prompt_tokens,
         "generation_tokens": generation_tokens,
@@ -38,3 +40,6 @@ def run_bench(lm: LanguageModel, prompt_tokens: int = 128, generation_tokens: in
         "generation_tps_runs": [round(r.generation_tps, 3) for r in runs],
         "device": str(mx.default_device()),
     }
+    if lm.experts is not None:
+        result["experts"] = lm.expert_stats()
+    return result

@@ -1,4 +1,4 @@
-"""The `edge-ds` command line: convert, generate, chat, info, bench."""
+"""The `edge-ds` command line: convert, generate, chat, info, bench, trace."""
 
 from __future__ import annotations
 
@@ -61,6 +61,29 @@ model_option = click.option("--model", "model_dir", type=click.Path(file_okay=Fa
                             help="Converted model directory (default: the shipped model).")
 
 
+def expert_options(f):
+    """--expert-budget, --prefetch and --trace, collected into one `experts` dict of load() options."""
+    options = [
+        click.option("--expert-budget", default=None,
+                     help="Keep at most this much of the routed experts in memory, reading the rest on demand: "
+                          "bytes, a size (2GB, 512MiB) or a share of the experts (25%). Results are unchanged."),
+        click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+                     help="With --expert-budget: read the next layer's likely experts ahead."),
+        click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
+                     help="Record routing (layer, token, experts) to this JSONL file (see `edge-ds trace replay`)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        kw["experts"] = dict(expert_budget=kw.pop("expert_budget"), prefetch=kw.pop("prefetch"),
+                             trace=kw.pop("trace_file"))
+        return f(*args, **kw)
+
+    return wrapper
+
+
 @main.command()
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("dst", type=click.Path())
@@ -91,6 +114,18 @@ def convert(src, dst, quant, group_size, dtype):
     click.echo(f"wrote {out}", err=True)
 
 
+def _print_expert_stats(st: dict) -> None:
+    from .experts.budget import format_bytes
+
+    per_layer = " ".join(f"{l}:{r:.2f}" for l, r in st["hit_rate_per_layer"].items())
+    click.echo(
+        f"Experts: {st['slots']} slots, {format_bytes(st['resident_expert_bytes'])} resident of "
+        f"{format_bytes(st['budget_bytes'])} budget ({format_bytes(st['routed_expert_bytes'])} routed in all)\n"
+        f"Expert hits: {st['hits']}, misses: {st['misses']}, hit rate {st['hit_rate']:.3f} (per layer {per_layer})\n"
+        f"Expert reads: {format_bytes(st['bytes_read_per_token'])}/token, {st['read_gbps']:.2f} GB/s, "
+        f"prefetch {st['prefetch_used']}/{st['prefetch_issued']} used", err=True)
+
+
 def _print_stats(stats) -> None:
     click.echo(
         f"\n==========\nPrompt: {stats.prompt_tokens} tokens ({stats.prefilled_tokens} prefilled), "
@@ -104,13 +139,14 @@ def _print_stats(stats) -> None:
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as plain text.")
 @click.option("--quiet", is_flag=True, help="Print only the generated text.")
 @sampling_options
-def generate(model_dir, prompt, no_chat_template, quiet, sampling):
+@expert_options
+def generate(model_dir, prompt, no_chat_template, quiet, sampling, experts):
     """Generate text from a prompt."""
     from .api import load
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    lm = load(model_dir)
+    lm = load(model_dir, **experts)
     stream = lm.stream(prompt, chat_template=False if no_chat_template else None, **sampling)
     for chunk in stream:
         click.echo(chunk, nl=False)
@@ -118,17 +154,20 @@ def generate(model_dir, prompt, no_chat_template, quiet, sampling):
     click.echo()
     if not quiet:
         _print_stats(stream.stats)
+        if lm.experts is not None:
+            _print_expert_stats(lm.expert_stats())
 
 
 @main.command()
 @model_option
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
-def chat(model_dir, system, sampling):
+@expert_options
+def chat(model_dir, system, sampling, experts):
     """Chat in the terminal. /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
     from .api import load
 
-    lm = load(model_dir)
+    lm = load(model_dir, **experts)
     if not lm.tokenizer.has_chat_template:
         raise EdgeDSError(f"{lm.path}: the model has no chat template; use `edge-ds generate --no-chat-template`")
     session = lm.chat(system)
@@ -191,19 +230,48 @@ def info(model_dir, as_json):
 @click.option("--generation-tokens", "-g", default=64, show_default=True)
 @click.option("--num-trials", "-n", default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json):
+@expert_options
+def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json, experts):
     """Measure prompt and generation tokens/s (same meaning as mlx-lm's benchmark)."""
     from .api import load
     from .bench import run_bench
 
     if prompt_tokens < 1 or generation_tokens < 1 or num_trials < 1:
         raise EdgeDSError("-p, -g and -n must be at least 1")
-    result = run_bench(load(model_dir), prompt_tokens, generation_tokens, num_trials)
+    lm = load(model_dir, **experts)
+    result = run_bench(lm, prompt_tokens, generation_tokens, num_trials)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"prompt_tps={result['prompt_tps']:.3f} generation_tps={result['generation_tps']:.3f} "
                    f"peak_memory={result['peak_memory_gb']:.3f} GB ({num_trials} trials, median)")
+        if "experts" in result:
+            _print_expert_stats(result["experts"])
+
+
+@main.group()
+def trace():
+    """Routing traces recorded with --trace."""
+
+
+@trace.command("replay")
+@click.argument("trace_file", type=click.Path(dir_okay=False))
+@click.option("--budget", "budgets", multiple=True, required=True,
+              help="Cache size: bytes, a size (512MiB) or a share of the routed experts (25%). Repeatable.")
+@click.option("--prefill", is_flag=True, help="Replay prefill steps too (the runtime streams them past the cache).")
+@click.option("--half-life", type=float, default=None, help="The hybrid policy's half-life in tokens.")
+def trace_replay(trace_file, budgets, prefill, half_life):
+    """Replay a trace against LRU, LFU, the runtime's hybrid policy and Belady's optimum."""
+    from .trace import load_trace, replay
+
+    tr = load_trace(trace_file)
+    click.echo(f"{tr.header.get('model', trace_file)}: {len(tr.steps)} (token, layer) steps, "
+               f"{tr.header['num_experts']} experts x {len(tr.header['layers'])} layers, top-{tr.header['top_k']}")
+    click.echo("| budget | slots | LRU | LFU | hybrid | Belady |\n|---|---|---|---|---|---|")
+    for b in budgets:
+        r = replay(tr, b, prefill=prefill, half_life=half_life)
+        rates = " | ".join(f"{r[p]['hit_rate']:.3f}" for p in ("lru", "lfu", "hybrid", "belady"))
+        click.echo(f"| {b} | {r['slots']} | {rates} |")
 
 
 @main.command()

@@ -105,8 +105,8 @@ class ExpertCache:
         low = sorted(low, key=lambda s: self.policy.priority(self.key_in[s]))
         rest = [s for s in range(self.slots) if self.key_in[s] is not None and s not in self.low and s not in exclude]
         n = len(rest)
-        if streaming:
-            n = max(0, min(n, self.stream_window - len(free) - len(low)))
+        if streaming:  # the window counts held slots too: waves reuse it rather than grow it
+            n = max(0, min(n, self.stream_window - len(self.free) - len(self.low)))
         ranked = [self.slot_of[k] for k in self.policy.victims((self.key_in[s] for s in rest), n)] if n else []
         return free + low + ranked
 

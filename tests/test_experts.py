@@ -1,0 +1,242 @@
+"""Lazy expert loading: exactness against the resident model, the budget, eviction, prefetch,
+bad slices, the API and CLI. Tiny checkpoints with 16 experts so a 10% budget means something."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import edge_ds
+from edge_ds.cache import PromptCache
+from edge_ds.cli import main as cli
+from edge_ds.errors import EdgeDSError
+from edge_ds.experts import DecayedFrequency, LRU, LFU, attach_experts, parse_budget
+from edge_ds.experts.store import ExpertStore
+from edge_ds.loading import load_model
+
+E16 = dict(n_routed_experts=16)
+
+
+def lazy_model(path: Path, budget, **options):
+    model = load_model(path, routed_experts=False)
+    return model, attach_experts(model, path, budget, **options)
+
+
+def greedy_run(model, prompt: list[int], steps: int, check=None) -> tuple[list[np.ndarray], list[int]]:
+    """Prefill `prompt`, then `steps` greedy tokens one at a time; returns each call's logits."""
+    cache = PromptCache(model.config.num_hidden_layers)
+    logits = [np.array(model(mx.array([prompt]), cache=cache))]
+    tokens = []
+    for _ in range(steps):
+        t = int(logits[-1][0, -1].argmax())
+        tokens.append(t)
+        logits.append(np.array(model(mx.array([[t]]), cache=cache)))
+        if check:
+            check()
+    return logits, tokens
+
+
+@pytest.fixture(scope="module")
+def tiny16(zoo):
+    return {kind: zoo.converted(kind, "4bit", **E16) for kind in ("v3", "v2lite")}
+
+
+# --- the budget ----------------------------------------------------------------------------
+def test_parse_budget():
+    assert parse_budget(1000, 10**9) == 1000
+    assert parse_budget("2GB", 10**10) == 2 * 10**9
+    assert parse_budget("512MiB", 10**10) == 512 * 2**20
+    assert parse_budget("1.5g", 10**10) == 1.5e9
+    assert parse_budget("25%", 4000) == 1000
+    assert parse_budget("100%", 4000) == 4000
+    assert parse_budget("5GB", 1000) == 1000  # more than the experts: all of them
+    for bad in ("", "abc", "-5MB", "0", "150%", "0%", "12 parsecs", True, 1.5):
+        with pytest.raises(EdgeDSError, match="expert_budget"):
+            parse_budget(bad, 4000)
+
+
+def test_budget_below_one_token_is_refused(tiny16):
+    model = load_model(tiny16["v3"], routed_experts=False)
+    with pytest.raises(EdgeDSError, match="top_k = 3"):
+        attach_experts(model, tiny16["v3"], 100)
+
+
+# --- exactness -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["v3", "v2lite"])
+def test_ten_percent_budget_is_bit_identical(tiny16, kind):
+    """Full-forward logits and 64 greedy tokens with their logits equal the resident model exactly,
+    while resident expert bytes stay within the budget at every step."""
+    path = tiny16[kind]
+    resident = load_model(path)
+    lazy, cache = lazy_model(path, "10%")
+    budget = parse_budget("10%", cache.store.routed_bytes)
+    assert cache.capacity_bytes <= budget and cache.slots < cache.store.num_experts * len(cache.store.layers)
+
+    tokens = np.random.default_rng(1).integers(0, 160, (2, 40))
+    np.testing.assert_array_equal(np.array(lazy(mx.array(tokens))), np.array(resident(mx.array(tokens))))
+    assert cache.stats.prefill_misses > 0
+
+    def within_budget():
+        assert cache.resident_bytes <= budget
+
+    prompt = tokens[0, :9].tolist()
+    ref_logits, ref_tokens = greedy_run(resident, prompt, 64)
+    got_logits, got_tokens = greedy_run(lazy, prompt, 64, within_budget)
+    assert got_tokens == ref_tokens
+    for a, b in zip(got_logits, ref_logits):
+        np.testing.assert_array_equal(a, b)
+    assert sum(cache.stats.misses.values()) > 0 and cache.stats.evictions > 0
+
+
+def test_unquantized_experts_are_exact(zoo):
+    path = zoo.converted("v3", "none", **E16)
+    resident = load_model(path)
+    lazy, cache = lazy_model(path, "25%")
+    tokens = mx.array(np.random.default_rng(2).integers(0, 160, (1, 30)))
+    np.testing.assert_array_equal(np.array(lazy(tokens)), np.array(resident(tokens)))
+    ref, _ = greedy_run(resident, [1, 2, 3], 12)
+    got, _ = greedy_run(lazy, [1, 2, 3], 12)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prefetch_is_exact_and_used(tiny16):
+    path = tiny16["v3"]
+    resident = load_model(path)
+    lazy, cache = lazy_model(path, "50%", prefetch=True)
+    ref, _ = greedy_run(resident, [5, 6, 7], 24)
+    got, _ = greedy_run(lazy, [5, 6, 7], 24)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+    st = cache.stats_dict()
+    assert st["prefetch_issued"] > 0 and 0 < st["prefetch_used"] <= st["prefetch_issued"]
+    assert cache.resident_bytes <= cache.capacity_bytes
+
+
+# --- eviction ------------------------------------------------------------------------------
+def test_policies_rank_as_described():
+    lru, lfu, hyb = LRU(), LFU(), DecayedFrequency(half_life=4)
+    for p in (lru, lfu, hyb):
+        for t in range(10):
+            p.access("hot", t)  # used every token for a while
+        p.access("new", 10)
+    assert lru.victims(["hot", "new"], 1) == ["hot"]  # recency only
+    assert lfu.victims(["hot", "new"], 1) == ["new"]
+    assert hyb.victims(["hot", "new"], 1) == ["new"]  # frequent and recent enough
+    for t in range(11, 40):
+        hyb.access("new", t)  # "hot" has not been used for 30 tokens: its score decays away
+    assert hyb.victims(["hot", "new"], 1) == ["hot"]
+
+
+def test_frequent_expert_survives_one_off_misses(tiny16):
+    path = tiny16["v3"]
+    _, cache = lazy_model(path, 4 * ExpertStore(path, load_model(path, routed_experts=False).config,
+                                                mx.float32).expert_bytes)
+    assert cache.slots == 4
+    for t in range(8):  # expert 0 of layer 1 is used by every token
+        cache.tokens += 1
+        cache.acquire(1, [0, 1 + t % 2], streaming=False)
+    for e in (5, 6, 7, 8, 9):  # one-off experts
+        cache.tokens += 1
+        cache.acquire(1, [0, e] if e % 2 else [e], streaming=False)
+    assert (1, 0) in cache.slot_of
+    assert cache.stats.evictions > 0 and cache.resident_bytes <= cache.capacity_bytes
+
+
+def test_long_prefill_does_not_flush_decode_set(tiny16):
+    path = tiny16["v2lite"]
+    lazy, cache = lazy_model(path, "50%")
+    greedy_run(lazy, [3, 1, 4], 32)
+    decode_set = {k for k, s in cache.slot_of.items() if s not in cache.low}
+    assert len(decode_set) == cache.slots
+    lazy(mx.array(np.random.default_rng(3).integers(0, 160, (1, 200))))  # a long prompt, all experts
+    assert cache.stats.prefill_misses > 0
+    kept = decode_set & set(cache.slot_of)
+    assert len(kept) >= cache.slots - cache.stream_window
+    assert cache.resident_bytes <= cache.capacity_bytes
+
+
+# --- bad slices ----------------------------------------------------------------------------
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _slice(path: Path, layer: int, expert: int, key: str):
+    model = load_model(path, routed_experts=False)
+    t = ExpertStore(path, model.config, mx.float32).tensors[layer][key]
+    return t.paths[expert], t.offsets[expert], t.nbytes
+
+
+def test_corrupt_expert_slice_names_the_file(tiny16, tmp_path):
+    path = _copy(tiny16["v3"], tmp_path / "corrupt")
+    for e in range(16):  # every expert of layer 1, so any routing reads one
+        f, offset, n = _slice(path, 1, e, "up_proj.scales")
+        with open(f, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(b"\xff" * n)  # NaN scales
+    lazy, _ = lazy_model(path, "25%")
+    with pytest.raises(EdgeDSError, match=rf"{f.name}.*corrupt.*up_proj\.scales"):
+        lazy(mx.array([[1, 2, 3]]))
+
+
+def test_truncated_expert_slice_names_the_file(tiny16, tmp_path):
+    path = _copy(tiny16["v3"], tmp_path / "truncated")
+    f, offset, _ = _slice(path, 2, 0, "gate_proj.weight")
+    lazy, cache = lazy_model(path, "25%")
+    with open(f, "r+b") as fh:  # the file shrinks after loading: the header was fine
+        fh.truncate(offset + 10)
+    with pytest.raises(EdgeDSError, match=rf"{f.name}: truncated"):
+        lazy(mx.array([list(range(20))]))
+    assert cache.resident_bytes <= cache.capacity_bytes
+    with pytest.raises(EdgeDSError, match=f.name):  # and at load time, by the header check
+        lazy_model(path, "25%")
+
+
+# --- API and CLI ---------------------------------------------------------------------------
+def _add_tokenizer(d: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["experts are read on demand from the model files. " * 20], trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tiny16, tmp_path_factory):
+    return _add_tokenizer(_copy(tiny16["v3"], tmp_path_factory.mktemp("tok") / "m"))
+
+
+def test_api_budget_and_stats(with_tokenizer):
+    ref = edge_ds.load(with_tokenizer).generate("experts are", max_tokens=20, chat_template=False)
+    lm = edge_ds.load(with_tokenizer, expert_budget="25%")
+    out = lm.generate("experts are", max_tokens=20, chat_template=False)
+    assert out.tokens == ref.tokens
+    st = lm.expert_stats()
+    assert st["hits"] + st["misses"] > 0 and st["decode_tokens"] >= 19
+    assert set(st["hit_rate_per_layer"]) == {1, 2}
+    assert st["resident_expert_bytes"] <= st["budget_bytes"] <= st["routed_expert_bytes"] // 4
+    assert st["bytes_read_per_token"] > 0 and st["read_gbps"] > 0
+    with pytest.raises(EdgeDSError, match="without expert_budget"):
+        edge_ds.load(with_tokenizer).expert_stats()
+
+
+def test_cli_bench_and_generate_with_budget(with_tokenizer):
+    r = CliRunner().invoke(cli, ["bench", "--model", str(with_tokenizer), "--expert-budget", "25%", "-p", "8",
+                                 "-g", "4", "-n", "1"])
+    assert r.exit_code == 0, r.output
+    assert "Expert hits" in r.output and "GB/s" in r.output
+    r = CliRunner().invoke(cli, ["generate", "--model", str(with_tokenizer), "--expert-budget", "1KB",
+                                 "--prompt", "x", "--no-chat-template"])
+    assert r.exit_code == 1 and "expert_budget" in r.output
