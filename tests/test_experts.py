@@ -240,3 +240,104 @@ def test_cli_bench_and_generate_with_budget(with_tokenizer):
     r = CliRunner().invoke(cli, ["generate", "--model", str(with_tokenizer), "--expert-budget", "1KB",
                                  "--prompt", "x", "--no-chat-template"])
     assert r.exit_code == 1 and "expert_budget" in r.output
+
+
+# --- memory --------------------------------------------------------------------------------
+_CODES = {np.dtype(np.uint32): "U32", np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
+
+
+def _inflate(template: Path, out: Path, num_experts: int) -> Path:
+    """A copy of `template` with `num_experts` routed experts per layer: the template's experts
+    tiled, a random router over all of them. Written tensor by tensor (never all in memory)."""
+    from edge_ds.checkpoint import Checkpoint
+
+    out.mkdir()
+    cfg = json.loads((template / "config.json").read_text())
+    E = cfg["n_routed_experts"]
+    cfg["n_routed_experts"] = num_experts
+    (out / "config.json").write_text(json.dumps(cfg))
+    ck = Checkpoint(template)
+    rng = np.random.default_rng(0)
+    plan = {}  # name -> (dtype, shape, write(f))
+    for name in ck.names():
+        info = ck.info(name)
+        if ".switch_mlp." in name:
+            shape = (num_experts, *info.shape[1:])
+            plan[name] = (ck.read(name), shape, num_experts // E)
+        elif name.endswith("mlp.gate.weight"):
+            plan[name] = (rng.normal(0, 0.1, (num_experts, info.shape[1])).astype(np.float32), None, 1)
+        elif name.endswith("e_score_correction_bias"):
+            plan[name] = (np.zeros(num_experts, np.float32), None, 1)
+        else:
+            plan[name] = (ck.read(name), None, 1)
+    header, offset = {}, 0
+    for name, (a, shape, reps) in plan.items():
+        n = a.nbytes * reps
+        header[name] = {"dtype": _CODES[a.dtype], "shape": list(shape or a.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for a, _, reps in plan.values():
+            for _ in range(reps):
+                f.write(np.ascontiguousarray(a).tobytes())
+    return out
+
+
+_MEASURE = r"""
+import json, resource, sys
+import edge_ds, mlx.core as mx, numpy as np
+from mlx.utils import tree_flatten
+from edge_ds.cache import PromptCache
+from edge_ds.experts import attach_experts
+from edge_ds.loading import load_model
+
+def status(field):  # Linux: VmRSS (now) / VmHWM (peak), in bytes
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+def peak():  # ru_maxrss would include the parent's peak: Linux keeps it across fork + exec
+    return status("VmHWM")
+
+path, budget = sys.argv[1], int(sys.argv[2])
+mx.eval(mx.zeros(8) + 1)
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak from here
+model = load_model(path, routed_experts=False)
+cache = attach_experts(model, path, budget)
+trunk = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+kv = PromptCache(model.config.num_hidden_layers)
+logits = model(mx.array([list(range(48))]), cache=kv)
+over = 0
+for _ in range(24):
+    t = int(np.array(logits[0, -1]).argmax())
+    logits = model(mx.array([[t]]), cache=kv)
+    mx.eval(logits)
+    over = max(over, cache.resident_bytes - budget)
+st = cache.stats_dict()
+print(json.dumps(dict(base=base, peak=peak(), trunk=trunk, routed=st["routed_expert_bytes"], over=over,
+                      misses=st["misses"] + st["prefill_misses"])))
+"""
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_near_trunk_plus_budget(zoo, tmp_path):
+    """A model whose routed experts are ~5x (trunk + budget + allowance) runs in a subprocess whose
+    peak RSS grows by at most trunk + budget + a fixed allowance over the bare interpreter."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to measure a subprocess's peak RSS")
+    template = zoo.converted("v3", "4bit", hidden_size=256, moe_intermediate_size=512, n_routed_experts=8)
+    path = _inflate(template, tmp_path / "big", 768)
+    budget = 32 << 20
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(budget)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    allowance = 48 << 20  # allocator cache, one prefill wave of unpacked weights, activations
+    assert m["routed"] >= 4 * (m["trunk"] + budget + allowance)  # the experts could not all fit
+    assert m["over"] <= 0 and m["misses"] > 0
+    assert m["peak"] - m["base"] <= m["trunk"] + budget + allowance, m

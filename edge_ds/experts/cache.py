@@ -110,13 +110,13 @@ class ExpertCache:
         ranked = [self.slot_of[k] for k in self.policy.victims((self.key_in[s] for s in rest), n)] if n else []
         return free + low + ranked
 
-    def _plan(self, layer: int, experts: list[int], streaming: bool) -> list[tuple[int, int, bool]]:
-        """The longest leading run of `experts` that fits now: [(expert, slot, is_miss)]."""
+    def _plan(self, layer: int, experts: list[int], streaming: bool, limit: int | None) -> list[tuple[int, int, bool]]:
+        """The longest leading run of `experts` (at most `limit`) that fits now: [(expert, slot, is_miss)]."""
         pinned = self._pinned()
         wanted = {self.slot_of[(layer, e)] for e in experts if (layer, e) in self.slot_of}
         order = iter(self._victim_order(pinned | wanted, streaming))
         wave = []
-        for e in experts:
+        for e in experts[:limit]:
             slot = self.slot_of.get((layer, e))
             if slot is not None:
                 wave.append((e, slot, False))
@@ -133,13 +133,13 @@ class ExpertCache:
             wave.append((e, victim, True))
         return wave
 
-    def acquire(self, layer: int, experts: list[int], streaming: bool) -> list[tuple[int, int]]:
-        """Makes a leading run of `experts` (sorted, unique) resident and returns [(expert, slot)]
-        for it; call again with the rest. Misses are read before returning."""
-        wave = self._plan(layer, experts, streaming)
+    def acquire(self, layer: int, experts: list[int], streaming: bool, limit: int | None = None) -> list[tuple[int, int]]:
+        """Makes a leading run of `experts` (sorted, unique; at most `limit`) resident and returns
+        [(expert, slot)] for it; call again with the rest. Misses are read before returning."""
+        wave = self._plan(layer, experts, streaming, limit)
         if not wave:
             self.release()  # the held outputs are the only users of the remaining slots
-            wave = self._plan(layer, experts, streaming)
+            wave = self._plan(layer, experts, streaming, limit)
             if not wave:
                 raise EdgeDSError("expert cache: no slot can be freed (the budget is below one expert)")
         for e, slot, miss in wave:  # prefetches still writing into these slots must land first

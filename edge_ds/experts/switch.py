@@ -27,6 +27,9 @@ from .store import PROJS
 
 SORT_PAIRS = 64  # SwitchGLU sorts (token, expert) pairs by expert from this many pairs on
 PREFILL_TOKENS = 16  # calls with this many tokens stream past the cache (prefill)
+# The dense prefill path unpacks a wave's experts to float: cap that transient (the resident
+# model unpacks a whole layer), so prefill memory stays near the budget.
+DENSE_WAVE_BYTES = 16 << 20
 
 
 class _Quantized:
@@ -114,10 +117,15 @@ class LazySwitchGLU:
         experts_sorted = idx.ravel()[order_np]  # [N * k], ascending
         xs = x[:, None, None, :].flatten(0, -3)[order // k]  # [N * k, 1, D]
         dense = dense_prefill(indices.size)
+        limit = None
+        if dense:
+            cfg = self.cache.store.cfg
+            unpacked = 3 * cfg.hidden_size * cfg.moe_intermediate_size * x.dtype.size  # one expert, float
+            limit = max(1, DENSE_WAVE_BYTES // unpacked)
         remaining = np.unique(experts_sorted).tolist()
         outs, start = [], 0
         while remaining:
-            got = self.cache.acquire(self.layer, remaining, streaming)
+            got = self.cache.acquire(self.layer, remaining, streaming, limit)
             wave = np.array([e for e, _ in got])
             slots = [s for _, s in got]
             end = int(np.searchsorted(experts_sorted, wave[-1], side="right"))
@@ -125,9 +133,12 @@ class LazySwitchGLU:
             pick = mx.array(np.array(slots, np.uint32))
             stack = {key: mx.take(a, pick, axis=0) for key, a in self.cache.arrays.items()}  # [w, ...]
             y = self._ffn(xs[start:end], mx.array(local), stack, True, dense)  # [pairs, 1, D]
-            self.cache.hold(y, slots)
-            outs.append(y)
             start, remaining = end, remaining[len(got):]
+            if remaining or outs:
+                mx.eval(y)  # one wave's unpacked weights at a time, not the whole layer's
+            else:
+                self.cache.hold(y, slots)
+            outs.append(y)
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs)
         return y[inv].reshape(N, k, -1)
 
