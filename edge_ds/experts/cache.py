@@ -112,21 +112,23 @@ class ExpertCache:
 
     def _plan(self, layer: int, experts: list[int], streaming: bool, limit: int | None) -> list[tuple[int, int, bool]]:
         """The longest leading run of `experts` (at most `limit`) that fits now: [(expert, slot, is_miss)]."""
-        pinned = self._pinned()
-        wanted = {self.slot_of[(layer, e)] for e in experts if (layer, e) in self.slot_of}
-        order = iter(self._victim_order(pinned | wanted, streaming))
+        order = None  # ranked only on the first miss: all-hit calls (the common case) skip it
         wave = []
         for e in experts[:limit]:
             slot = self.slot_of.get((layer, e))
             if slot is not None:
                 wave.append((e, slot, False))
                 continue
+            if order is None:
+                pinned = self._pinned()
+                wanted = {self.slot_of[(layer, x)] for x in experts if (layer, x) in self.slot_of}
+                order = iter(self._victim_order(pinned | wanted, streaming))
             victim = next(order, None)
             if victim is None:
                 if not wave:
                     # Only slots holding experts needed later in this call are left: take one,
                     # those experts come back in a later wave.
-                    later = self._victim_order(pinned, streaming)
+                    later = self._victim_order(self._pinned(), streaming)
                     if later:
                         wave.append((e, later[0], True))
                 break
