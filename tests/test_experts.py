@@ -345,3 +345,15 @@ def test_peak_rss_stays_near_trunk_plus_budget(zoo, tmp_path):
     assert m["routed"] >= 4 * (m["trunk"] + budget + allowance)  # the experts could not all fit
     assert m["over"] <= 0 and m["misses"] > 0
     assert m["peak"] - m["base"] <= m["trunk"] + budget + allowance, m
+
+
+def test_cli_generate_records_a_trace(with_tokenizer, tmp_path):
+    from edge_ds.trace import load_trace
+
+    file = tmp_path / "t.jsonl"
+    r = CliRunner().invoke(cli, ["generate", "--model", str(with_tokenizer), "--expert-budget", "50%", "--trace",
+                                 str(file), "--prompt", "experts are", "--no-chat-template", "-m", "6"])
+    assert r.exit_code == 0, r.output
+    assert "Expert hits" in r.output
+    tr = load_trace(file)
+    assert tr.header["layers"] == [1, 2] and len([s for s in tr.steps if not s.prefill]) >= 2 * 5
