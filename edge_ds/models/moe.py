@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from .layers import ExpertLinear, Linear
+from .layers import ExpertLinear, Linear, cpu_streams
 
 
 class MLP(nn.Module):
@@ -102,6 +102,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Router(cfg)
+        self.n_shared_experts = cfg.n_shared_experts or 0  # the shared MLP is this many experts wide
         self.switch_mlp = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts)
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
@@ -110,8 +111,33 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         indices, weights = self.gate(x)
-        y = self.switch_mlp(x, indices)  # [N, k, D]
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+        if self.split_on_cpu(indices):
+            return self._two_streams(x, indices, weights).reshape(shape)
+        y = self._routed(x, indices, weights)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
         return y.reshape(shape)
+
+    def _routed(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        y = self.switch_mlp(x, indices)  # [N, k, D]
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=1)  # [N, D]
+
+    split_pairs = 64  # decode-sized: fewer (token, expert) pairs than the sorted path takes
+
+    def split_on_cpu(self, indices: mx.array) -> bool:
+        return mx.default_device() == mx.cpu and indices.shape[1] > 1 and indices.size < self.split_pairs
+
+    def _two_streams(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """Decode on the CPU: the chosen experts in two halves on two CPU streams, the shared
+        expert with the second half (each quantized matvec uses one core)."""
+        k = indices.shape[1]
+        shared = self.n_shared_experts
+        h = max(1, min(k - 1, (k + shared) // 2))  # balance routed + shared experts over the two
+        first, second = cpu_streams()
+        with mx.stream(first):
+            a = self._routed(x, indices[:, :h], weights[:, :h])
+        with mx.stream(second):
+            b = self._routed(x, indices[:, h:], weights[:, h:])
+            if shared:
+                b = b + self.shared_experts(x)
+        return a + b

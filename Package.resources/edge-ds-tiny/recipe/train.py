@@ -37,7 +37,7 @@ MODEL = dict(
 )
 TRAIN = dict(
     seed=0, steps=900, batch=16, seq_len=256, lr=3e-3, min_lr_ratio=0.1, warmup=100, weight_decay=0.1,
-    grad_clip=1.0, chat_fraction=0.15, bias_update=1e-3, eval_window=256, threads=2,
+    grad_clip=1.0, chat_fraction=0.15, bias_update=1e-2, eval_window=256, threads=2,
 )
 
 
@@ -171,7 +171,8 @@ def train(out: Path, steps: int | None = None) -> dict:
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=TRAIN["lr"], betas=(0.9, 0.95))
-    log: dict = {"model": MODEL, "train": TRAIN, "params": n_params, "loss": [], "load_max_over_mean": []}
+    log: dict = {"model": MODEL, "train": TRAIN, "params": n_params, "corpus_tokens": sum(map(len, docs)),
+                 "loss": [], "load_max_over_mean": []}
     model.train()
     t0 = time.time()
     data = batches(tok, docs, train_chapters, TRAIN["seed"])
