@@ -4,6 +4,7 @@ resident model in the same run.
 
     python benchmarks/experts.py [--model DIR]... [-p 128] [-g 64] [-n 3] [--budgets 100,50,25,10]
                                  [--prefetch-at 50,25] [--json OUT]
+    python benchmarks/experts.py --policies [--model DIR]...   # trace replay: LRU/LFU/hybrid/Belady
 
 Each configuration runs in a fresh process (clean allocator, honest peak RSS). Warm: one
 warm-up generation fills the expert cache and the page cache, then n timed runs (median).
@@ -115,6 +116,42 @@ def run(cfg: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+PROMPTS = ["In the beginning", "And the LORD spake unto Moses, saying,", "Blessed are the",
+           "The quick brown fox"]
+
+
+def policy_table(model: str, tokens: int, budgets: list[str], half_lives: list[float]) -> str:
+    """Records routing while generating from a few natural prompts (sampled, seed 0), then replays
+    the trace against each policy (and the hybrid at several half-lives)."""
+    import tempfile
+
+    import edge_ds
+    from edge_ds.trace import load_trace, replay
+
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "routing.jsonl"
+        lm = edge_ds.load(model, trace=file)
+        for i, prompt in enumerate(PROMPTS):
+            lm.generate(prompt, max_tokens=tokens, temperature=0.8, seed=i, chat_template=False)
+        lm.experts.recorder.close()
+        tr = load_trace(file)
+    decode = sum(1 for s in tr.steps if not s.prefill)
+    lines = [f"**{Path(model).name}**: routing of {len(PROMPTS)} prompts x {tokens} sampled tokens "
+             f"({decode} decode (token, layer) steps), decode hit rate by policy", "",
+             "| budget | slots | LRU | LFU | hybrid | Belady | hybrid - Belady |", "|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        r = replay(tr, b)
+        rates = [r[p]["hit_rate"] for p in ("lru", "lfu", "hybrid", "belady")]
+        lines.append(f"| {b} | {r['slots']} | " + " | ".join(f"{x:.3f}" for x in rates)
+                     + f" | {100 * (rates[2] - rates[3]):+.1f} pts |")
+    lines += ["", "| hybrid half-life (tokens) | " + " | ".join(budgets) + " |",
+              "|---|" + "---|" * len(budgets)]
+    for h in half_lives:
+        rates = [replay(tr, b, policies=("hybrid",), half_life=h)["hybrid"]["hit_rate"] for b in budgets]
+        lines.append(f"| {h:g} | " + " | ".join(f"{x:.3f}" for x in rates) + " |")
+    return "\n".join(lines)
+
+
 def table(model: str, rows: list[tuple[dict, dict]], resident: float) -> str:
     lines = [f"**{Path(model).name}**, median decode tok/s; x = ratio to the resident model in the same run",
              "", "| experts | page cache | prefetch | decode tok/s | x resident | hit rate | MB read/token | "
@@ -143,9 +180,15 @@ def main() -> None:
     ap.add_argument("--prefetch-at", default="50,25", help="Budgets also measured with prefetch on (warm and cold).")
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--json", default=None, help="Also save all results here.")
+    ap.add_argument("--policies", action="store_true", help="Only the trace replay of policies (per model).")
+    ap.add_argument("--trace-tokens", type=int, default=256)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.policies:
+        for model in args.model or [str(ROOT / "Package.resources" / "edge-ds-tiny")]:
+            print(policy_table(model, args.trace_tokens, ["10%", "25%", "50%"], [4, 16, 64, 256, 1e9]) + "\n")
         return
     models = args.model or [str(ROOT / "Package.resources" / "edge-ds-tiny"), str(ROOT / "bench_out" / "edge-q4")]
     budgets = [f"{b}%" for b in args.budgets.split(",") if b]
