@@ -122,8 +122,12 @@ class ExpertCache:
             if order is None:
                 pinned = self._pinned()
                 wanted = {self.slot_of[(layer, x)] for x in experts if (layer, x) in self.slot_of}
-                order = iter(self._victim_order(pinned | wanted, streaming))
+                # Slots still being prefetched into are left alone while others are free.
+                order = iter(self._victim_order(pinned | wanted | set(self.loading), streaming))
             victim = next(order, None)
+            if victim is None and self.loading:
+                order = iter(self._victim_order(self._pinned() | wanted | {s for _, s, _ in wave}, streaming))
+                victim = next(order, None)
             if victim is None:
                 if not wave:
                     # Only slots holding experts needed later in this call are left: take one,
