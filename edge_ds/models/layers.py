@@ -66,15 +66,20 @@ class ExpertLinear(nn.Module):
         return mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=indices,
                             sorted_indices=sorted_indices)
 
+    def expert_weight(self, e: int, dtype: mx.Dtype) -> mx.array:
+        """Expert e's float weight [out, in]."""
+        return self["weight"][e].astype(dtype)
+
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine") -> "QuantizedExpertLinear":
         return QuantizedExpertLinear(group_size, bits, mode).set_weight(self.weight)
 
 
 class QuantizedExpertLinear(_Quantized):
+    def expert_weight(self, e: int, dtype: mx.Dtype) -> mx.array:
+        """Expert e's weight unpacked to float [out, in]."""
+        return unpack(self, dtype, expert=e)
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        if sorted_indices and dense_prefill(indices.size):
-            return mx.gather_mm(x, unpack(self, x.dtype).swapaxes(-1, -2), rhs_indices=indices,
-                                sorted_indices=True)
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
                              transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
                              sorted_indices=sorted_indices)
@@ -100,15 +105,18 @@ def _unpack_affine(w: mx.array, scales: mx.array, biases: mx.array, shifts: mx.a
     return (q * scales[..., None] + biases[..., None]).reshape(*w.shape[:-1], -1)
 
 
-def unpack(module: nn.Module, dtype: mx.Dtype) -> mx.array:
-    """Float weights of a quantized module (same values as mx.dequantize, faster on CPU)."""
+def unpack(module: nn.Module, dtype: mx.Dtype, expert: int | None = None) -> mx.array:
+    """Float weights of a quantized module (same values as mx.dequantize, faster on CPU);
+    `expert` picks one expert of a stacked module."""
+    w, scales, biases = module["weight"], module["scales"], module.get("biases")
+    if expert is not None:
+        w, scales, biases = w[expert], scales[expert], None if biases is None else biases[expert]
     if module.mode != "affine" or 32 % module.bits:
-        return mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
-                             bits=module.bits, mode=module.mode, dtype=dtype)
+        return mx.dequantize(w, scales, biases, group_size=module.group_size, bits=module.bits, mode=module.mode,
+                             dtype=dtype)
     shifts = mx.arange(0, 32, module.bits, dtype=mx.uint32)
     mask = mx.array((1 << module.bits) - 1, mx.uint32)
-    return _unpack_affine(module["weight"], module["scales"].astype(dtype), module["biases"].astype(dtype),
-                          shifts, mask)
+    return _unpack_affine(w, scales.astype(dtype), biases.astype(dtype), shifts, mask)
 
 
 class Linear(nn.Linear):

@@ -86,9 +86,32 @@ class SwitchGLU(nn.Module):
             order = mx.argsort(flat)
             inv = mx.argsort(order)
             xs, idx = x.flatten(0, -3)[order // k], flat[order]
-            y = self._ffn(xs, idx, sorted_indices=True)
+            if mx.default_device() == mx.cpu:
+                y = self._per_expert(xs.reshape(N * k, -1), idx)[:, None, :]
+            else:
+                y = self._ffn(xs, idx, sorted_indices=True)
             return y[inv].reshape(N, k, -1)
         return self._ffn(x, indices).squeeze(-2)
+
+    def _per_expert(self, xs: mx.array, idx: mx.array) -> mx.array:
+        """CPU prefill: xs [P, D] sorted by expert idx [P] -> [P, D], one dense BLAS matmul per
+        expert on its contiguous rows (gather_mm would do a matvec per row, rereading the
+        expert's weights for each). Experts alternate between two CPU streams, since unpacking
+        4-bit weights runs on one core per call. Needs the segment bounds on the host: one sync."""
+        E = self.gate_proj["weight"].shape[0]
+        ends = mx.cumsum((idx[:, None] == mx.arange(E)).sum(axis=0)).tolist()  # [E]
+        streams = cpu_streams()
+        outs, start = [], 0
+        for e, end in enumerate(ends):
+            if end == start:
+                continue
+            with mx.stream(streams[len(outs) % 2]):
+                rows = xs[start:end]  # [n_e, D]
+                g = rows @ self.gate_proj.expert_weight(e, xs.dtype).T
+                u = rows @ self.up_proj.expert_weight(e, xs.dtype).T
+                outs.append((nn.silu(g) * u) @ self.down_proj.expert_weight(e, xs.dtype).T)
+            start = end
+        return mx.concatenate(outs, axis=0)
 
     def _ffn(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
         g = self.gate_proj(x, idx, sorted_indices)
