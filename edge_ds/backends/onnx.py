@@ -1,0 +1,145 @@
+"""The onnxruntime backend: runs an `edge-ds export-onnx` directory on the CPU.
+
+OnnxModel has the call signature of the MLX model (tokens [B, L], cache -> logits), so
+api.py's generation, streaming and chat run unchanged on it. The latent cache stays in
+onnxruntime-owned OrtValues: each step binds the previous step's present_latent.{i} outputs
+as past_latent.{i} inputs (IOBinding), so the cache is never copied through numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import onnxruntime as ort
+
+from ..cache import PromptCache
+from ..config import ModelConfig
+from ..errors import EdgeDSError
+
+MANIFEST = "onnx.json"
+
+
+class OrtLatent:
+    """One layer's latent rows [B, 1, T, kv_lora + rope], held by onnxruntime."""
+
+    def __init__(self, value: ort.OrtValue):
+        self.value = value
+
+    @property
+    def offset(self) -> int:
+        return self.value.shape()[2]
+
+    def rewind(self, n: int) -> None:
+        """Forgets the last n tokens (rare: chat turns that diverge), through one copy."""
+        if n:
+            rows = self.value.numpy()
+            self.value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(rows[:, :, : rows.shape[2] - n]))
+
+    @property
+    def state(self) -> None:
+        return None  # nothing for MLX to evaluate: onnxruntime computed it already
+
+    @property
+    def nbytes(self) -> int:
+        shape = self.value.shape()
+        return int(np.prod(shape)) * 4
+
+
+class OrtCache(PromptCache):
+    """PromptCache (token bookkeeping, prefix reuse) over onnxruntime-held latents."""
+
+    def __init__(self, num_layers: int, latent_dim: int, batch: int = 1):
+        empty = np.zeros((batch, 1, 0, latent_dim), np.float32)
+        self.layers = [OrtLatent(ort.OrtValue.ortvalue_from_numpy(empty)) for _ in range(num_layers)]
+        self.tokens: list[int] = []
+        self.mask = np.zeros((batch, 0), np.int64)  # attention_mask of the rows held
+
+    def rewind(self, n: int) -> None:
+        n = min(n, self.offset)
+        super().rewind(n)
+        self.mask = self.mask[:, : self.mask.shape[1] - n]
+
+    def save(self, path, model_fingerprint: str = "") -> None:
+        raise EdgeDSError("prompt cache files are written by the MLX backend only")
+
+
+class OnnxModel:
+    """An exported graph in an onnxruntime session: __call__(tokens [B, L], cache) -> logits."""
+
+    def __init__(self, directory: str | Path, threads: int | None = None):
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise EdgeDSError(f"{directory}: no {MANIFEST} (make one with `edge-ds export-onnx`)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EdgeDSError(f"{manifest_path}: not valid JSON ({e})") from None
+        self.config = ModelConfig.load(directory)
+        model_file = directory / self.manifest.get("file", "model.onnx")
+        if not model_file.is_file():
+            raise EdgeDSError(f"{model_file}: not found")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or int(os.environ.get("EDGE_DS_THREADS", 0))
+        options.log_severity_level = 3  # onnxruntime's warnings are not the user's business
+        try:
+            self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise EdgeDSError(f"{model_file}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        self.num_layers = self.config.num_hidden_layers
+        self.latent_dim = self.config.latent_dim
+        self._outputs = ["logits"] + [f"present_latent.{i}" for i in range(self.num_layers)]
+
+    def make_cache(self, batch: int = 1) -> OrtCache:
+        return OrtCache(self.num_layers, self.latent_dim, batch)
+
+    def __call__(self, tokens: mx.array, cache: OrtCache | None = None) -> mx.array:
+        """The MLX model's contract: int tokens [B, L] -> float32 logits [B, L, V] (last position only
+        while a cache is being filled step by step: generation reads no other)."""
+        ids = np.array(tokens, copy=False).astype(np.int64)
+        keep = 1 if cache is not None else 0
+        return mx.array(self.forward(ids, cache, logits_to_keep=keep))
+
+    def forward(self, ids: np.ndarray, cache: OrtCache | None = None, attention_mask: np.ndarray | None = None,
+                logits_to_keep: int = 0) -> np.ndarray:
+        """ids [B, L] int64; attention_mask [B, L] (1 = token, 0 = left padding) for the new tokens;
+        appends to `cache` (a fresh one when None). Returns logits [B, L or logits_to_keep, V]."""
+        B, L = ids.shape
+        cache = cache if cache is not None else self.make_cache(B)
+        if cache.mask.shape[0] != B:
+            if cache.offset:
+                raise EdgeDSError(f"the cache holds a batch of {cache.mask.shape[0]}, got {B} rows")
+            cache = self._resize(cache, B)
+        if cache.offset + L > self.config.max_position_embeddings:
+            raise EdgeDSError(f"{cache.offset + L} positions exceed the model's max_position_embeddings "
+                              f"({self.config.max_position_embeddings})")
+        new_mask = np.ones((B, L), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        mask = np.concatenate([cache.mask, new_mask], axis=1)
+        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -L:]
+
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+        binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], np.int64))
+        for i, layer in enumerate(cache.layers):
+            binding.bind_ortvalue_input(f"past_latent.{i}", layer.value)
+        for name in self._outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        for layer, value in zip(cache.layers, present):
+            layer.value = value
+        cache.mask = mask
+        return logits.numpy()
+
+    def _resize(self, cache: OrtCache, batch: int) -> OrtCache:
+        fresh = self.make_cache(batch)
+        cache.layers, cache.mask = fresh.layers, fresh.mask
+        return cache
