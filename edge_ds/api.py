@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -45,7 +46,18 @@ class TextStream:
             yield chunk
 
 
-def load(path: str | Path | None = None, backend: str = "mlx", expert_budget: int | str | None = None, *,
+BACKENDS = ("mlx", "onnx")
+
+
+def default_backend(directory: Path) -> str:
+    """MLX on Apple Silicon (Metal, unified memory); elsewhere onnxruntime when the directory
+    holds an ONNX export (its 4-bit CPU kernels are far faster than MLX's CPU backend), else MLX."""
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "mlx"
+    return "onnx" if (directory / "onnx.json").is_file() else "mlx"
+
+
+def load(path: str | Path | None = None, backend: str | None = None, expert_budget: int | str | None = None, *,
          expert_policy: str = "hybrid", prefetch: bool = False, trace: str | Path | None = None) -> "LanguageModel":
     """Loads a model directory (or the shipped default model when path is None).
 
@@ -53,12 +65,22 @@ def load(path: str | Path | None = None, backend: str = "mlx", expert_budget: in
     resident and reads routed experts on demand into a cache of at most that many bytes; results
     are bit-identical to the fully resident model. `trace` records routing to a JSONL file
     (implies lazy experts, with the whole model as budget when none is given).
+    backend: "mlx", "onnx" (a directory written by `edge-ds export-onnx`) or None for
+    default_backend(directory).
     """
-    if backend != "mlx":
-        raise EdgeDSError(f"backend {backend!r} is not available in this build (available: mlx)")
+    if backend is not None and backend not in BACKENDS:
+        raise EdgeDSError(f"backend {backend!r} is not available in this build (available: {', '.join(BACKENDS)})")
     directory = Path(path) if path is not None else default_model_path()
     if not directory.is_dir():
         raise EdgeDSError(f"{directory}: no such model directory")
+    if backend is None:
+        backend = "mlx" if expert_budget is not None or trace is not None else default_backend(directory)
+    if backend == "onnx":
+        if expert_budget is not None or trace is not None:
+            raise EdgeDSError("--expert-budget and --trace need the mlx backend (onnx keeps every expert resident)")
+        from .backends.onnx import OnnxModel
+
+        return LanguageModel(OnnxModel(directory), Tokenizer.load(directory), directory)
     if expert_budget is None and trace is None:
         return LanguageModel(load_model(directory), Tokenizer.load(directory), directory)
     from .experts import attach_experts
@@ -97,7 +119,8 @@ class LanguageModel:
         return hashlib.sha256(f"{self.path.resolve()}|{cfg}".encode()).hexdigest()[:16]
 
     def new_cache(self) -> PromptCache:
-        return PromptCache(self.config.num_hidden_layers)
+        make = getattr(self.model, "make_cache", None)  # a backend with its own cache type
+        return make() if make is not None else PromptCache(self.config.num_hidden_layers)
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full forward with no cache: token ids [batch, seq] -> float32 logits [batch, seq, vocab]."""

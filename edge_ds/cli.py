@@ -1,4 +1,4 @@
-"""The `edge-ds` command line: convert, generate, chat, info, bench, trace."""
+"""The `edge-ds` command line: convert, export-onnx, generate, chat, info, bench, trace."""
 
 from __future__ import annotations
 
@@ -61,6 +61,11 @@ model_option = click.option("--model", "model_dir", type=click.Path(file_okay=Fa
                             help="Converted model directory (default: the shipped model).")
 
 
+backend_option = click.option("--backend", type=click.Choice(["mlx", "onnx"]), default=None,
+                              help="Runtime (default: mlx on Apple Silicon; elsewhere onnx when the model "
+                                   "directory holds an `edge-ds export-onnx` export, else mlx).")
+
+
 def expert_options(f):
     """--expert-budget, --prefetch and --trace, collected into one `experts` dict of load() options."""
     options = [
@@ -114,6 +119,38 @@ def convert(src, dst, quant, group_size, dtype):
     click.echo(f"wrote {out}", err=True)
 
 
+@main.command("export-onnx")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path())
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="Weight bits of every projection, the head and the routed experts.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Input features per quantization scale.")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
+              help="onnxruntime's compute type: 0 float32 activations (exact), 4 int8 activations (fast).")
+def export_onnx(src, dst, bits, block_size, accuracy_level):
+    """Export a Hugging Face checkpoint (BF16 or FP8) in SRC to an onnxruntime model in DST."""
+    from converters.onnx import export_onnx as run
+
+    bar = None
+
+    def progress(done: int, total: int, label: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="exporting", file=sys.stderr,
+                                    show_pos=True, item_show_func=lambda x: x)
+            bar.__enter__()
+        bar.update(done - bar.pos, label)
+
+    try:
+        out = run(src, dst, bits=int(bits), block_size=int(block_size), accuracy_level=int(accuracy_level),
+                  progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(f"wrote {out}", err=True)
+
+
 def _print_expert_stats(st: dict) -> None:
     from .experts.budget import format_bytes
 
@@ -140,13 +177,14 @@ def _print_stats(stats) -> None:
 @click.option("--quiet", is_flag=True, help="Print only the generated text.")
 @sampling_options
 @expert_options
-def generate(model_dir, prompt, no_chat_template, quiet, sampling, experts):
+@backend_option
+def generate(model_dir, prompt, no_chat_template, quiet, sampling, experts, backend):
     """Generate text from a prompt."""
     from .api import load
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    lm = load(model_dir, **experts)
+    lm = load(model_dir, backend=backend, **experts)
     stream = lm.stream(prompt, chat_template=False if no_chat_template else None, **sampling)
     for chunk in stream:
         click.echo(chunk, nl=False)
@@ -163,11 +201,12 @@ def generate(model_dir, prompt, no_chat_template, quiet, sampling, experts):
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
 @expert_options
-def chat(model_dir, system, sampling, experts):
+@backend_option
+def chat(model_dir, system, sampling, experts, backend):
     """Chat in the terminal. /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
     from .api import load
 
-    lm = load(model_dir, **experts)
+    lm = load(model_dir, backend=backend, **experts)
     if not lm.tokenizer.has_chat_template:
         raise EdgeDSError(f"{lm.path}: the model has no chat template; use `edge-ds generate --no-chat-template`")
     session = lm.chat(system)
@@ -231,14 +270,15 @@ def info(model_dir, as_json):
 @click.option("--num-trials", "-n", default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @expert_options
-def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json, experts):
+@backend_option
+def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json, experts, backend):
     """Measure prompt and generation tokens/s (same meaning as mlx-lm's benchmark)."""
     from .api import load
     from .bench import run_bench
 
     if prompt_tokens < 1 or generation_tokens < 1 or num_trials < 1:
         raise EdgeDSError("-p, -g and -n must be at least 1")
-    lm = load(model_dir, **experts)
+    lm = load(model_dir, backend=backend, **experts)
     result = run_bench(lm, prompt_tokens, generation_tokens, num_trials)
     if as_json:
         click.echo(json.dumps(result, indent=2))

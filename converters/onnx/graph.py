@@ -179,13 +179,16 @@ class DecoderGraph:
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
             choice = self.group_limit(choice, p)
         fc1, fc1_scales, fc2, fc2_scales = self.expert_weights(p)
+        # onnxruntime 1.31's CPU QMoE is exact for blocked 4-bit but not for blocked 8-bit
+        # (~1e-2 off at any accuracy level): 8-bit experts get one scale per row instead.
+        blocked = {"block_size": self.quant.block_size} if self.quant.bits == 4 else {}
         # QMoE picks the top k of softmax(router_probs) (order-preserving, so the top k of the
         # choice scores; masked groups are -inf) and mixes with router_weights at those experts.
         routed = g.op("QMoE", [flat, choice, fc1, fc1_scales, "", fc2, fc2_scales, "", "", "", "", "", "", "",
                                scores], p + ".experts", domain=MS,
                       k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                       normalize_routing_weights=int(cfg.norm_topk_prob), expert_weight_bits=self.quant.bits,
-                      block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)
+                      accuracy_level=self.quant.accuracy_level, **blocked)
         if cfg.routed_scaling_factor != 1.0:
             routed = g.op("Mul", [routed, g.scalar(cfg.routed_scaling_factor)])
         if cfg.n_shared_experts:
@@ -212,20 +215,24 @@ class DecoderGraph:
         return g.op("Reshape", [masked, g.ints(-1, cfg.n_routed_experts)], p + ".choice")
 
     def expert_weights(self, p: str) -> tuple[str, str, str, str]:
-        """fc1 [E, 2I, K/pack] with gate and up rows interleaved (swiglu_fusion=1), fc2 [E, hidden, I/pack]."""
+        """fc1 [E, 2I, K/pack] with gate and up rows interleaved (swiglu_fusion=1), fc2 [E, hidden, I/pack];
+        scales [E, N, K/block] (4-bit) or [E, N] (8-bit)."""
         cfg, g = self.cfg, self.g
         fc1, fc1_s, fc2, fc2_s = [], [], [], []
+        per_row = self.quant.bits == 8  # see moe()
+        q1 = BlockQuant(8, cfg.hidden_size, self.quant.accuracy_level) if per_row else self.quant
+        q2 = BlockQuant(8, cfg.moe_intermediate_size, self.quant.accuracy_level) if per_row else self.quant
         for e in range(cfg.n_routed_experts):
             gate = self.read(f"{p}.experts.{e}.gate_proj.weight")
             up = self.read(f"{p}.experts.{e}.up_proj.weight")
             inter = np.empty((2 * gate.shape[0], gate.shape[1]), np.float32)
             inter[0::2], inter[1::2] = gate, up
-            packed, scales = quantize_blocks(inter, self.quant)
+            packed, scales = quantize_blocks(inter, q1)
             fc1.append(packed.reshape(packed.shape[0], -1))
-            fc1_s.append(scales)
-            packed, scales = quantize_blocks(self.read(f"{p}.experts.{e}.down_proj.weight"), self.quant)
+            fc1_s.append(scales[:, 0] if per_row else scales)
+            packed, scales = quantize_blocks(self.read(f"{p}.experts.{e}.down_proj.weight"), q2)
             fc2.append(packed.reshape(packed.shape[0], -1))
-            fc2_s.append(scales)
+            fc2_s.append(scales[:, 0] if per_row else scales)
         return (g.const(np.stack(fc1), p + ".fc1.qweight"), g.const(np.stack(fc1_s), p + ".fc1.scales"),
                 g.const(np.stack(fc2), p + ".fc2.qweight"), g.const(np.stack(fc2_s), p + ".fc2.scales"))
 

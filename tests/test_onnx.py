@@ -1,0 +1,355 @@
+"""ONNX export and the onnxruntime backend.
+
+Parity at accuracy level 0: onnxruntime running the exported graph must equal transformers
+running the very weights the graph holds, dequantized here by an independent numpy reading
+of the MatMulNBits/QMoE blocks and mapped back to the Hugging Face layout. That isolates
+graph bugs (routing, MLA absorption, RoPE, masks, cache) from 4-bit quantization noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors.numpy import load_file as np_load
+
+import edge_ds
+from converters.onnx import export_onnx
+from edge_ds.backends.onnx import OnnxModel
+from edge_ds.errors import EdgeDSError
+from tests.test_api import add_tokenizer
+from tests.test_convert import FP8_DIMS, FP8_QUANT_CONFIG, fp8_dequantize_loop, fp8_quantize, is_fp8_weight, \
+    transformers_state
+from tests.tiny_models import condition, hf_logits, make_hf_model, save_hf
+
+KINDS = ("v3", "v2lite", "moonlight")
+
+
+def rel_err(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def export(src: Path, dst: Path, **options) -> Path:
+    out = export_onnx(src, dst, **options)
+    onnx.checker.check_model(str(out / "model.onnx"))  # every export passes the checker
+    assert onnx.load(str(out / "model.onnx"), load_external_data=False).ir_version == 10
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(zoo, tmp_path_factory):
+    """kind -> (transformers model, export dir at 4 bits, block 32, accuracy level 0)."""
+    root = tmp_path_factory.mktemp("onnx")
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            tiny = zoo.hf(kind)
+            cache[kind] = tiny.model, export(tiny.path, root / kind, bits=4, block_size=32, accuracy_level=0)
+        return cache[kind]
+
+    return get
+
+
+# --- an independent reader of the exported weights ---------------------------------------------
+
+
+def unpack_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """uint8 [..., N, blocks * bs * bits / 8] (4-bit: low nibble first) and scales [..., N, blocks]
+    -> float32 [..., N, k], w = (q - 2^(bits-1)) * scale."""
+    flat = packed.reshape(*scales.shape[:-1], -1)
+    if bits == 4:
+        q = np.empty(flat.shape[:-1] + (flat.shape[-1] * 2,), np.float32)
+        q[..., 0::2], q[..., 1::2] = flat & 15, flat >> 4
+    else:
+        q = flat.astype(np.float32)
+    block = q.shape[-1] // scales.shape[-1]
+    return ((q - 2 ** (bits - 1)) * np.repeat(scales, block, axis=-1))[..., :k]
+
+
+def graph_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    proto = onnx.load(str(path / "model.onnx"))
+    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in proto.graph.node if n.op_type in ("MatMulNBits", "QMoE")}
+    return init, attrs
+
+
+def dequantized_state(model, path: Path) -> dict[str, torch.Tensor]:
+    """transformers' state dict with every quantized weight replaced by what the graph holds."""
+    init, attrs = graph_weights(path)
+    cfg = model.config
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    for node, a in attrs.items():
+        if a.get("K") is None:  # QMoE: fc1 rows interleave gate and up; [E, N] scales are one per row
+            bits = a["expert_weight_bits"]
+
+            def expert_weights(fc: str, k: int) -> np.ndarray:
+                scales = init[node.replace("experts", fc + ".scales")]
+                scales = scales if scales.ndim == 3 else scales[..., None]
+                return unpack_blocks(init[node.replace("experts", fc + ".qweight")], scales, bits, k)
+
+            w1, w2 = expert_weights("fc1", cfg.hidden_size), expert_weights("fc2", cfg.moe_intermediate_size)
+            state[f"{node}.gate_up_proj"] = np.concatenate([w1[:, 0::2], w1[:, 1::2]], axis=1)
+            state[f"{node}.down_proj"] = w2
+            continue
+        w = unpack_blocks(init[node + ".qweight"], init[node + ".scales"], a["bits"], a["K"])
+        if node.endswith("q_kv_a_proj"):
+            base = node[: -len("q_kv_a_proj")]
+            q_name = base + ("q_proj.weight" if cfg.q_lora_rank is None else "q_a_proj.weight")
+            n = state[q_name].shape[0]
+            state[q_name], state[base + "kv_a_proj_with_mqa.weight"] = w[:n], w[n:]
+        elif node.endswith("gate_up_proj"):
+            base = node[: -len("gate_up_proj")]
+            n = w.shape[0] // 2
+            state[base + "gate_proj.weight"], state[base + "up_proj.weight"] = w[:n], w[n:]
+        else:
+            assert node + ".weight" in state, node
+            state[node + ".weight"] = w
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
+def oracle(model, path: Path):
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(dequantized_state(model, path))
+    return twin
+
+
+# --- parity -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity_with_transformers_on_the_same_weights(exports, kind):
+    model, path = exports(kind)
+    toks = np.random.RandomState(1).randint(0, model.config.vocab_size, (2, 11))
+    ref = hf_logits(oracle(model, path), toks)
+    got = OnnxModel(path).forward(toks)
+    assert rel_err(got, ref) < 1e-3
+    # and the quantization did change the weights, so the oracle is not just the float model
+    assert rel_err(hf_logits(model, toks), ref) > 1e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_with_cache_equals_full_forward(exports, kind):
+    model, path = exports(kind)
+    om = OnnxModel(path)
+    toks = np.random.RandomState(2).randint(0, model.config.vocab_size, (1, 10))
+    full = om.forward(toks)
+    cache = om.make_cache()
+    steps = [om.forward(toks[:, :4], cache)] + [om.forward(toks[:, t : t + 1], cache) for t in range(4, 10)]
+    assert cache.offset == 10
+    assert rel_err(np.concatenate(steps, axis=1), full) < 1e-5
+
+
+def test_left_padded_batch_equals_single_runs(exports):
+    model, path = exports("v3")
+    om = OnnxModel(path)
+    rs = np.random.RandomState(3)
+    a, b = rs.randint(0, 160, 7), rs.randint(0, 160, 4)
+    ids = np.zeros((2, 7), np.int64)
+    ids[0], ids[1, 3:] = a, b
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :3] = 0
+    cache = om.make_cache(2)
+    batch = om.forward(ids, cache, attention_mask=mask)
+    nxt = np.array([[5], [9]])
+    step = om.forward(nxt, cache)  # one decode step on the padded cache
+
+    for row, seq in ((0, a), (1, b)):
+        c = om.make_cache()
+        single = om.forward(seq[None], c)
+        assert rel_err(batch[row, -len(seq):], single[0]) < 1e-5
+        assert rel_err(step[row], om.forward(nxt[row : row + 1], c)[0]) < 1e-5
+
+
+def test_logits_to_keep_runs_the_head_on_the_last_positions(exports):
+    _, path = exports("v2lite")
+    om = OnnxModel(path)
+    toks = np.arange(1, 9)[None]
+    np.testing.assert_allclose(om.forward(toks, logits_to_keep=1), om.forward(toks)[:, -1:], rtol=1e-6, atol=1e-6)
+
+
+def test_graph_interface_and_manifest(exports):
+    model, path = exports("v3")
+    cfg = model.config
+    proto = onnx.load(str(path / "model.onnx"))
+    inputs = {i.name for i in proto.graph.input}
+    outputs = [o.name for o in proto.graph.output]
+    L = cfg.num_hidden_layers
+    assert inputs == {"input_ids", "attention_mask", "position_ids", "logits_to_keep",
+                      *(f"past_latent.{i}" for i in range(L))}
+    assert set(outputs) == {"logits", *(f"present_latent.{i}" for i in range(L))}
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"MatMulNBits", "QMoE", "RMSNormalization", "RotaryEmbedding"} <= ops
+    manifest = json.loads((path / "onnx.json").read_text())
+    assert manifest["latent_dim"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert manifest["inputs"]["past_latent.0"] == ["batch", 1, "past_seq", manifest["latent_dim"]]
+    # every projection is quantized: the only float matrices are embeddings, router, kv_b halves, RoPE tables
+    init, _ = graph_weights(path)
+    floats = [k for k, v in init.items() if v.dtype == np.float32 and v.ndim >= 2 and not k.endswith(".scales")]
+    assert all(k.endswith(("embed_tokens.weight", "gate.weight_t", ".w_uk", ".w_uv", "rope.cos", "rope.sin"))
+               for k in floats), floats
+
+
+def test_eight_bit_and_fast_accuracy_level(zoo, tmp_path):
+    """8-bit, block 64 at accuracy level 0 is exact on its weights; level 4 (int8 activations) stays close."""
+    tiny = zoo.hf("v3", hidden_size=128, moe_intermediate_size=64)
+    toks = np.random.RandomState(4).randint(0, 160, (1, 9))
+    exact = export(tiny.path, tmp_path / "q8", bits=8, block_size=64, accuracy_level=0)
+    ref = hf_logits(oracle(tiny.model, exact), toks)
+    assert rel_err(OnnxModel(exact).forward(toks), ref) < 1e-3
+    fast = export(tiny.path, tmp_path / "q4l4", bits=4, block_size=64, accuracy_level=4)
+    ref4 = hf_logits(oracle(tiny.model, fast), toks)
+    assert rel_err(OnnxModel(fast).forward(toks), ref4) < 5e-2
+
+
+# --- FP8 sources ----------------------------------------------------------------------------------
+
+
+def test_fp8_export_equals_bf16_export_up_to_fp8_rounding(tmp_path):
+    model = condition(make_hf_model("v3", seed=21, **FP8_DIMS))
+    save_hf(model, tmp_path / "float")
+    original = np_load(str(tmp_path / "float" / "model.safetensors"))
+    fp8_tensors, rounded = {}, {}
+    for name, a in original.items():
+        if is_fp8_weight(name, a):
+            q, s = fp8_quantize(a)
+            fp8_tensors[name], fp8_tensors[name + "_scale_inv"] = q, s
+            rounded[name] = fp8_dequantize_loop(q, s)
+        else:
+            fp8_tensors[name] = rounded[name] = a
+    cfg = json.loads((tmp_path / "float" / "config.json").read_text())
+    for name, tensors, extra in (("fp8", fp8_tensors, {"quantization_config": FP8_QUANT_CONFIG}),
+                                 ("rounded", rounded, {})):
+        d = tmp_path / name
+        d.mkdir()
+        _save_safetensors(tensors, d / "model.safetensors")
+        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+    opts = dict(bits=8, block_size=32, accuracy_level=0)
+    from_fp8 = export(tmp_path / "fp8", tmp_path / "fp8.onnx", **opts)
+    from_rounded = export(tmp_path / "rounded", tmp_path / "rounded.onnx", **opts)
+    from_float = export(tmp_path / "float", tmp_path / "float.onnx", **opts)
+
+    # The FP8 export holds exactly the export of the FP8 values dequantized with the 128x128 rule...
+    a, _ = graph_weights(from_fp8)
+    b, _ = graph_weights(from_rounded)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # ...so it differs from the BF16/F32 original's export only by FP8 rounding.
+    # The logits move by about what FP8 rounding moves transformers' (float weights vs FP8-rounded).
+    toks = np.random.RandomState(5).randint(0, 160, (1, 12))
+    got, ref = OnnxModel(from_fp8).forward(toks), OnnxModel(from_float).forward(toks)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(transformers_state(rounded))
+    rounding = rel_err(hf_logits(twin, toks), hf_logits(model, toks))
+    assert 0 < rel_err(got, ref) < 1.5 * rounding + 1e-2
+
+
+def _save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    from tests.test_convert import to_torch
+    from safetensors.torch import save_file
+
+    save_file({k: to_torch(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+# --- API, CLI, bad input ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("onnx_api")
+    save_hf(make_hf_model("v3", vocab_size=300, max_position_embeddings=64), base / "hf")
+    add_tokenizer(base / "hf", 300)
+    return export_onnx(base / "hf", base / "onnx", bits=4, block_size=32, accuracy_level=0)
+
+
+def test_api_generates_the_full_forward_argmax(lm_dir):
+    lm = edge_ds.load(lm_dir, backend="onnx")
+    prompt = lm.tokenizer.encode("the quick brown fox")
+    out = lm.generate(prompt, max_tokens=6)
+    assert out.stats.generation_tokens + (out.stats.finish_reason == "stop") >= 1
+    seq = list(prompt)
+    for t in out.tokens:
+        assert int(lm.logits([seq])[0, -1].argmax()) == t
+        seq.append(t)
+    assert lm.logits([[1, 2, 3], [4, 5, 6]]).shape == (2, 3, 300)
+    text = "".join(lm.stream("the lazy dog", max_tokens=4))
+    assert isinstance(text, str)
+
+
+def test_chat_turns_reuse_the_cache(lm_dir):
+    lm = edge_ds.load(lm_dir, backend="onnx")
+    chat = lm.chat()
+    first = chat.send("the quick fox", max_tokens=3)
+    "".join(first)
+    held = chat.cache.offset
+    second = chat.send("the dog", max_tokens=3)
+    "".join(second)
+    assert second.stats.prefilled_tokens < second.stats.prompt_tokens
+    assert chat.cache.offset > held and chat.cache.offset == len(chat.cache.tokens)
+
+
+def test_default_backend_rule(lm_dir, monkeypatch):
+    from edge_ds import api
+
+    monkeypatch.setattr(api.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(api.platform, "machine", lambda: "x86_64")
+    assert api.default_backend(lm_dir) == "onnx"
+    assert api.default_backend(lm_dir.parent / "hf") == "mlx"
+    monkeypatch.setattr(api.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(api.platform, "machine", lambda: "arm64")
+    assert api.default_backend(lm_dir) == "mlx"
+
+
+def test_cli_generate_with_onnx_backend(lm_dir):
+    r = subprocess.run([sys.executable, "-m", "edge_ds.cli", "generate", "--model", str(lm_dir), "--backend", "onnx",
+                        "-p", "the quick", "--no-chat-template", "-m", "3", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _nan_source(src: Path, dst: Path) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    tensors = np_load(str(dst / "model.safetensors"))
+    tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = np.nan
+    _save_safetensors(tensors, dst / "model.safetensors")
+    return "model.layers.1.self_attn.o_proj.weight"
+
+
+def test_bad_input_fails_with_one_line_and_writes_nothing(zoo, tmp_path):
+    src = zoo.hf("v3").path
+    nan_src = tmp_path / "nan"
+    tensor = _nan_source(src, nan_src)
+    for args, message in (([str(nan_src), str(tmp_path / "a")], tensor),
+                          ([str(src), str(tmp_path / "b"), "--block-size", "64"], "multiple of --block-size"),
+                          ([str(tmp_path / "missing"), str(tmp_path / "c")], "not a directory")):
+        r = subprocess.run([sys.executable, "-m", "edge_ds.cli", "export-onnx", *args], capture_output=True, text=True)
+        assert r.returncode == 1
+        errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+        assert "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+        assert errors[0].startswith("edge-ds: error:") and message in errors[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]  # no DST, no partial directory
+
+
+def test_bad_runtime_input(lm_dir, tmp_path):
+    lm = edge_ds.load(lm_dir, backend="onnx")
+    with pytest.raises(EdgeDSError, match="token_ids"):
+        lm.logits([[300]])
+    with pytest.raises(EdgeDSError, match="max_position_embeddings"):
+        lm.generate(list(range(1, 60)), max_tokens=10)
+    with pytest.raises(EdgeDSError, match="expert-budget"):
+        edge_ds.load(lm_dir, backend="onnx", expert_budget="50%")
+    with pytest.raises(EdgeDSError, match="onnx.json"):
+        OnnxModel(lm_dir.parent / "hf")
+    with pytest.raises(EdgeDSError, match="backend"):
+        edge_ds.load(lm_dir, backend="tpu")
