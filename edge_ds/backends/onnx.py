@@ -101,7 +101,7 @@ class OnnxModel:
     def __call__(self, tokens: mx.array, cache: OrtCache | None = None) -> mx.array:
         """The MLX model's contract: int tokens [B, L] -> float32 logits [B, L, V] (last position only
         while a cache is being filled step by step: generation reads no other)."""
-        ids = np.array(tokens, copy=False).astype(np.int64)
+        ids = np.asarray(tokens).astype(np.int64)
         keep = 1 if cache is not None else 0
         return mx.array(self.forward(ids, cache, logits_to_keep=keep))
 
