@@ -213,6 +213,35 @@ def test_eight_bit_and_fast_accuracy_level(zoo, tmp_path):
     assert rel_err(OnnxModel(fast).forward(toks), ref4) < 5e-2
 
 
+# --- other sources -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ("v3", "v2lite"))
+def test_export_from_an_mlx_float_dir_equals_the_hf_export(zoo, exports, tmp_path, kind):
+    """The mlx-lm layout (experts stacked, kv_b_proj split for deepseek_v3) maps back exactly."""
+    _, from_hf = exports(kind)
+    out = export(zoo.converted(kind, "none"), tmp_path / "onnx", bits=4, block_size=32, accuracy_level=0)
+    a, _ = graph_weights(out)
+    b, _ = graph_weights(from_hf)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_export_from_an_mlx_4bit_dir(tmp_path):
+    """A 4-bit edge-ds dir (what the shipped default model is): at 8 bits the export adds little
+    to the source's own quantization, so it runs like the MLX backend on that dir."""
+    from converters.mlx import convert
+    from edge_ds.loading import load_model
+    from tests.test_quantized import run
+
+    save_hf(condition(make_hf_model("v3", seed=7)), tmp_path / "hf")
+    src = convert(tmp_path / "hf", tmp_path / "q4", quant="4bit", group_size=32, dtype="float32")
+    out = export(src, tmp_path / "onnx", bits=8, block_size=32, accuracy_level=0)
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    toks = np.random.RandomState(6).randint(0, 160, (1, 10))
+    ref = run(load_model(src), toks)
+    assert rel_err(OnnxModel(out).forward(toks), ref) < 3e-2
+
+
 # --- FP8 sources ----------------------------------------------------------------------------------
 
 

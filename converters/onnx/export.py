@@ -1,6 +1,7 @@
 """`edge-ds export-onnx`: Hugging Face DeepSeek checkpoint (BF16/F32, or FP8 with 128x128 block
-scales) -> a directory onnxruntime runs: model.onnx (+ model.onnx.data when large), config.json,
-the tokenizer files and onnx.json (inputs, outputs, quantization).
+scales) or an edge-ds / mlx-lm converted directory -> a directory onnxruntime runs: model.onnx
+(+ model.onnx.data when large), config.json, the tokenizer files and onnx.json (inputs,
+outputs, quantization).
 
 Tensors are read one at a time and quantized at once, so the peak is the quantized model plus
 one float tensor. Everything is written into a hidden temporary directory renamed to DST at the end.
@@ -10,21 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 
 from edge_ds.checkpoint import Checkpoint
 from edge_ds.config import ModelConfig
 from edge_ds.errors import EdgeDSError
 
-from ..fp8 import dequantize_fp8_blocks
 from .graph import build_model, io_names
 from .quant import BlockQuant
+from .sources import open_reader
 
 MANIFEST = "onnx.json"
 MODEL = "model.onnx"
@@ -52,9 +51,6 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
     if dst.exists():
         raise EdgeDSError(f"{dst}: already exists; choose a new output directory")
     cfg = ModelConfig.load(src)
-    if cfg.quantization is not None:
-        raise EdgeDSError(f"{src}: an MLX-quantized directory; export-onnx reads Hugging Face checkpoints "
-                          f"(BF16, F32 or FP8)")
     if cfg.n_routed_experts is not None:
         for name, width in (("hidden_size", cfg.hidden_size), ("moe_intermediate_size", cfg.moe_intermediate_size)):
             if width % block_size:
@@ -68,7 +64,7 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        reader = TensorReader(cfg, ckpt, progress)
+        reader = open_reader(cfg, ckpt, progress)
         model = build_model(cfg, reader, quant)
         size = sum(t.ByteSize() for t in model.graph.initializer)
         if progress:
@@ -77,6 +73,7 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
         onnx.save_model(model, str(tmp / MODEL), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=EXTERNAL_DATA, size_threshold=1024)
         onnx.checker.check_model(str(tmp / MODEL))
+        cfg.quantization = None  # an MLX source's block: the ONNX weights carry their own
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         manifest = {"format": "edge-ds-onnx-v1", "model_type": cfg.model_type, "file": MODEL,
                     "external_data": EXTERNAL_DATA if external else None,
@@ -96,73 +93,3 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
     finally:
         ckpt.close()
     return dst
-
-
-class TensorReader:
-    """name -> float32 array in the Hugging Face layout: FP8 dequantized with the fixed 128x128
-    rule, shape checked against config.json, NaN/Inf refused."""
-
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, progress: Progress | None = None):
-        self.cfg, self.ckpt, self.progress = cfg, ckpt, progress
-        self.expected = expected_shapes(cfg)
-        self.total = len(self.expected)
-        self.done = 0
-
-    def __call__(self, name: str) -> np.ndarray:
-        if name not in self.ckpt and ".experts." in name:
-            raise EdgeDSError(f"{self.ckpt.directory}: tensor '{name}' is missing from the checkpoint")
-        info = self.ckpt.info(name)
-        w = self.ckpt.read(name)
-        if info.dtype == "F8_E4M3":
-            scale = name + "_scale_inv"
-            if scale not in self.ckpt:
-                raise EdgeDSError(f"{info.path}: FP8 tensor '{name}' has no '{scale}'")
-            w = dequantize_fp8_blocks(w, self.ckpt.read(scale).astype(np.float32), name=name)
-        w = np.asarray(w).astype(np.float32, copy=False)
-        want = self.expected.get(name)
-        if want is not None and tuple(w.shape) != want:
-            raise EdgeDSError(f"{info.path}: tensor '{name}' has shape {list(w.shape)}, config.json implies {list(want)}")
-        if not np.isfinite(w).all():
-            raise EdgeDSError(f"{info.path}: tensor '{name}' has {int((~np.isfinite(w)).sum())} NaN/Inf values")
-        self.done += 1
-        if self.progress:
-            self.progress(min(self.done, self.total), self.total, re.sub(r"^model\.layers\.(\d+)\..*", r"layer \1", name))
-        return w
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """The shapes of the Hugging Face checkpoint tensors the graph reads."""
-    D, H = cfg.hidden_size, cfg.num_attention_heads
-    qk, r, rope = cfg.qk_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, D)
-
-    def mlp(prefix: str, inter: int) -> None:
-        shapes.update({f"{prefix}.gate_proj.weight": (inter, D), f"{prefix}.up_proj.weight": (inter, D),
-                       f"{prefix}.down_proj.weight": (D, inter)})
-
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        a = p + ".self_attn"
-        shapes.update({f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
-                       f"{a}.kv_a_proj_with_mqa.weight": (r + rope, D), f"{a}.kv_a_layernorm.weight": (r,),
-                       f"{a}.kv_b_proj.weight": (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), r),
-                       f"{a}.o_proj.weight": (D, H * cfg.v_head_dim)})
-        if cfg.q_lora_rank is None:
-            shapes[f"{a}.q_proj.weight"] = (H * qk, D)
-        else:
-            shapes.update({f"{a}.q_a_proj.weight": (cfg.q_lora_rank, D), f"{a}.q_a_layernorm.weight": (cfg.q_lora_rank,),
-                           f"{a}.q_b_proj.weight": (H * qk, cfg.q_lora_rank)})
-        if cfg.is_moe_layer(i):
-            E = cfg.n_routed_experts
-            shapes[f"{p}.mlp.gate.weight"] = (E, D)
-            if cfg.topk_method == "noaux_tc":
-                shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (E,)
-            for e in range(E):
-                mlp(f"{p}.mlp.experts.{e}", cfg.moe_intermediate_size)
-            if cfg.n_shared_experts:
-                mlp(f"{p}.mlp.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts)
-        else:
-            mlp(f"{p}.mlp", cfg.intermediate_size)
-    return shapes
