@@ -31,6 +31,7 @@ from tests.test_convert import FP8_DIMS, FP8_QUANT_CONFIG, fp8_dequantize_loop, 
 from tests.tiny_models import condition, hf_logits, make_hf_model, save_hf
 
 KINDS = ("v3", "v2lite", "moonlight")
+ROUTING = KINDS + ("v2grouped",)  # + group_limited_greedy
 
 
 def rel_err(got, ref) -> float:
@@ -128,7 +129,7 @@ def oracle(model, path: Path):
 # --- parity -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ROUTING)
 def test_parity_with_transformers_on_the_same_weights(exports, kind):
     model, path = exports(kind)
     toks = np.random.RandomState(1).randint(0, model.config.vocab_size, (2, 11))

@@ -206,12 +206,11 @@ class DecoderGraph:
             group_scores = g.op("ReduceSum", [top2, g.ints(-1)], keepdims=0)
         else:
             group_scores = g.op("ReduceMax", [grouped, g.ints(-1)], keepdims=0)
-        _, best = g.op("TopK", [group_scores, g.ints(cfg.topk_group)], p + ".top_groups", outputs=2, axis=-1)
-        zeros = g.op("Mul", [group_scores, g.scalar(0.0)])
-        ones = g.op("ConstantOfShape", [g.op("Shape", [best])], value=_f32(1.0))
-        kept = g.op("ScatterElements", [zeros, best, ones], p + ".kept_groups", axis=1)  # [N, G] 1/0
-        keep = g.op("Greater", [g.op("Unsqueeze", [kept, g.ints(-1)]), g.scalar(0.5)])
-        masked = g.op("Where", [keep, grouped, g.scalar(-np.inf)])
+        best, _ = g.op("TopK", [group_scores, g.ints(cfg.topk_group)], p + ".top_groups", outputs=2, axis=-1)
+        # A group is kept when its score reaches the topk_group-th best (ties, measure zero, keep both).
+        threshold = g.op("ReduceMin", [best, g.ints(-1)], p + ".group_threshold", keepdims=1)  # [N, 1]
+        keep = g.op("GreaterOrEqual", [group_scores, threshold], p + ".kept_groups")  # [N, G]
+        masked = g.op("Where", [g.op("Unsqueeze", [keep, g.ints(-1)]), grouped, g.scalar(-np.inf)])
         return g.op("Reshape", [masked, g.ints(-1, cfg.n_routed_experts)], p + ".choice")
 
     def expert_weights(self, p: str) -> tuple[str, str, str, str]:
@@ -235,12 +234,6 @@ class DecoderGraph:
             fc2_s.append(scales[:, 0] if per_row else scales)
         return (g.const(np.stack(fc1), p + ".fc1.qweight"), g.const(np.stack(fc1_s), p + ".fc1.scales"),
                 g.const(np.stack(fc2), p + ".fc2.qweight"), g.const(np.stack(fc2_s), p + ".fc2.scales"))
-
-
-def _f32(value: float):
-    from onnx import helper
-
-    return helper.make_tensor("value", FLOAT, [1], [value])
 
 
 def build_model(cfg: ModelConfig, read: Read, quant: BlockQuant):
