@@ -70,6 +70,8 @@ class OrtCache(PromptCache):
 class OnnxModel:
     """An exported graph in an onnxruntime session: __call__(tokens [B, L], cache) -> logits."""
 
+    backend = "onnx"
+
     def __init__(self, directory: str | Path, threads: int | None = None):
         directory = Path(directory)
         manifest_path = directory / MANIFEST
@@ -94,6 +96,7 @@ class OnnxModel:
         self.num_layers = self.config.num_hidden_layers
         self.latent_dim = self.config.latent_dim
         self._outputs = ["logits"] + [f"present_latent.{i}" for i in range(self.num_layers)]
+        self.device = f"onnxruntime {ort.__version__} CPU, {options.intra_op_num_threads or 'all'} threads"
 
     def make_cache(self, batch: int = 1) -> OrtCache:
         return OrtCache(self.num_layers, self.latent_dim, batch)
