@@ -38,9 +38,14 @@ class TraceRecorder:
         return cls(path, dict(model=str(model_dir), layers=list(store.layers), num_experts=store.num_experts,
                               top_k=store.cfg.num_experts_per_tok, expert_bytes=store.expert_bytes))
 
-    def record(self, layer: int, t: int, experts: np.ndarray, prefill: bool) -> None:
-        """experts [N, k]: token t + i chose experts[i] in `layer`."""
-        self._write({"t": int(t), "layer": int(layer), "prefill": bool(prefill), "experts": experts.tolist()})
+    def record(self, layer: int, t: int, experts: np.ndarray, prefill: bool,
+               hints: dict[int, np.ndarray] | None = None) -> None:
+        """experts [N, k]: token t + i chose experts[i] in `layer`; hints: later layer -> [N, k]
+        experts its router picks on this layer's input (the runtime's lookahead)."""
+        r = {"t": int(t), "layer": int(layer), "prefill": bool(prefill), "experts": experts.tolist()}
+        if hints:
+            r["hints"] = {str(m): g.tolist() for m, g in hints.items()}
+        self._write(r)
 
     def _write(self, obj: dict) -> None:
         self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
@@ -56,6 +61,7 @@ class Step:
     layer: int
     experts: tuple[int, ...]
     prefill: bool
+    hints: dict[int, tuple[int, ...]] | None = None  # later layer -> predicted experts (lookahead)
 
 
 @dataclass
@@ -89,6 +95,8 @@ def load_trace(path: str | Path) -> Trace:
                 key = (int(r["t"]) + i, int(r["layer"]))
                 step = merged.setdefault(key, Step(key[0], key[1], (), bool(r["prefill"])))
                 step.experts = tuple(sorted(set(step.experts) | {int(e) for e in row}))
+                if "hints" in r and step.hints is None:
+                    step.hints = {int(m): tuple(int(e) for e in g[i]) for m, g in r["hints"].items()}
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise EdgeDSError(f"{path}: not an edge-ds routing trace ({e})") from None
     return Trace(header, list(merged.values()))
@@ -119,8 +127,10 @@ def _next_uses(steps: list[Step]) -> list[dict]:
     return out
 
 
-def simulate(steps: list[Step], slots: int, policy: Policy, next_uses: list[dict] | None = None) -> dict:
-    """Demand caching of `slots` experts under `policy`: each step's experts must all be resident."""
+def simulate(steps: list[Step], slots: int, policy: Policy, next_uses: list[dict] | None = None,
+             hints: bool = True) -> dict:
+    """Demand caching of `slots` experts under `policy`: each step's experts must all be resident.
+    Policies that take hints get the lookahead recorded in the trace, as at run time."""
     resident: set = set()
     hits = misses = 0
     for i, step in enumerate(steps):
@@ -130,6 +140,10 @@ def simulate(steps: list[Step], slots: int, policy: Policy, next_uses: list[dict
         missing = [k for k in need if k not in resident]
         hits += len(need) - len(missing)
         misses += len(missing)
+        if hasattr(policy, "set_hints") and hints:
+            order = sorted(step.hints or {})  # nearest later layer first, as the runtime ranks them
+            policy.set_hints({(m, e): ahead for ahead in range(len(order) - 1, -1, -1)
+                              for m in [order[ahead]] for e in step.hints[m]})
         overflow = len(resident) + len(missing) - slots
         if overflow > 0:
             needed = set(need)
@@ -145,7 +159,7 @@ def simulate(steps: list[Step], slots: int, policy: Policy, next_uses: list[dict
 
 
 def replay(trace: Trace, budget: int | str, policies: tuple[str, ...] = ("lru", "lfu", "hybrid", "belady"),
-           prefill: bool = False, half_life: float | None = None) -> dict:
+           prefill: bool = False, half_life: float | None = None, hints: bool = True) -> dict:
     """Hit rates of each policy on the trace with `budget` (bytes, "512MiB" or "25%") of experts.
     By default only decode steps are replayed: the runtime streams prefill past the cache."""
     nbytes = parse_budget(budget, trace.routed_bytes, what="--budget")
@@ -159,5 +173,5 @@ def replay(trace: Trace, budget: int | str, policies: tuple[str, ...] = ("lru", 
         if name not in POLICIES:
             raise EdgeDSError(f"unknown policy {name!r} (choose from {', '.join([*POLICIES, 'belady'])})")
         options = {"half_life": half_life} if name == "hybrid" and half_life else {}
-        results[name] = simulate(steps, slots, POLICIES[name](**options))
+        results[name] = simulate(steps, slots, POLICIES[name](**options), hints=hints)
     return results

@@ -11,11 +11,15 @@ from .policy import make_policy
 from .store import PROJS, ExpertStore
 from .switch import LazySwitchGLU
 
+LOOKAHEAD = 2  # layers whose experts each layer predicts (a router matvec each)
+
 
 def attach_experts(model, directory: str | Path, budget: int | str, policy: str = "hybrid",
-                   prefetch: bool = False, threads: int = 4, page_cache: bool = True) -> ExpertCache:
+                   prefetch: bool = False, threads: int = 4, page_cache: bool = True,
+                   lookahead: int = LOOKAHEAD) -> ExpertCache:
     """Gives every MoE layer of `model` (loaded with routed_experts=False) experts read on
-    demand from `directory` into a cache of at most `budget` bytes."""
+    demand from `directory` into a cache of at most `budget` bytes. Each layer also runs the
+    next `lookahead` layers' routers on its input: their guesses steer eviction (and prefetch)."""
     from ..loading import quantization_of
 
     cfg = model.config
@@ -41,7 +45,6 @@ def attach_experts(model, directory: str | Path, budget: int | str, policy: str 
                     raise EdgeDSError(f"{directory}/config.json: layer {l}'s {proj} experts are quantized but "
                                       f"config.json has no 'quantization'")
             quant[proj] = q
-        nxt = layers[i + 1] if i + 1 < len(layers) else None
-        gate = model.layers[nxt].mlp.gate if nxt is not None else None
-        model.layers[l].mlp.switch_mlp = LazySwitchGLU(l, cache, quant, gate, nxt)
+        ahead = [(m, model.layers[m].mlp.gate) for m in layers[i + 1: i + 1 + lookahead]]
+        model.layers[l].mlp.switch_mlp = LazySwitchGLU(l, cache, quant, ahead)
     return cache

@@ -84,6 +84,11 @@ class ExpertCache:
                 self.stats.decode_tokens += n_tokens
         return True
 
+    def set_hints(self, hints: dict[Key, int]) -> None:
+        """Predicted uses of the coming layers (key -> layers ahead), for policies that take them."""
+        if hasattr(self.policy, "set_hints"):
+            self.policy.set_hints(hints)
+
     def hold(self, out: mx.array, slots: list[int]) -> None:
         """`out` was computed lazily from `slots`: keep them until it is evaluated."""
         self.held.append((out, slots))

@@ -71,17 +71,25 @@ class DecayedFrequency(Policy):
 
     A short half-life behaves like LRU, a long one like LFU; in between, experts that a prompt's
     topic keeps choosing stay, and a burst of one-off uses fades. Scores survive eviction, so a
-    popular expert that was pushed out comes back with its history. Ranking uses
+    popular expert that was pushed out comes back with its history. Experts hinted for the next
+    layers of the current token rank above all others (see set_hints). Ranking uses
     log2(score) + t_last / half_life, which orders keys as their decayed scores at any common
     time would, without touching every key each token.
     """
 
     name = "hybrid"
 
-    def __init__(self, half_life: float = 64.0):
+    def __init__(self, half_life: float = 16.0):
         self.half_life = float(half_life)
         self.score: dict[Key, float] = {}
         self.last: dict[Key, int] = {}
+        self.hints: dict[Key, int] = {}
+
+    def set_hints(self, hints: dict[Key, int]) -> None:
+        """Experts the coming layers of this token are predicted to use (key -> layers ahead):
+        kept before anything else, nearest first. The predictions are the later layers' routers
+        run on the current layer's input (switch.py); they only order evictions."""
+        self.hints = hints
 
     def access(self, key, t):
         s = self.score.get(key)
@@ -92,10 +100,16 @@ class DecayedFrequency(Policy):
         self.last[key] = t
 
     def priority(self, key):
+        ahead = self.hints.get(key)
+        if ahead is not None:
+            return HINTED - ahead
         s = self.score.get(key)
         if s is None:
             return -math.inf
         return math.log2(s) + self.last[key] / self.half_life
+
+
+HINTED = 1e15  # above any decayed-frequency priority
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "hybrid": DecayedFrequency}
