@@ -135,6 +135,8 @@ def test_policies_rank_as_described():
     for t in range(11, 40):
         hyb.access("new", t)  # "hot" has not been used for 30 tokens: its score decays away
     assert hyb.victims(["hot", "new"], 1) == ["hot"]
+    hyb.set_hints({"hot": 1, "cold": 0})  # predicted for the next layers of this token
+    assert hyb.victims(["hot", "new", "cold"], 2) == ["new", "hot"]
 
 
 def test_frequent_expert_survives_one_off_misses(tiny16):

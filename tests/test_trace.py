@@ -42,6 +42,13 @@ def test_trace_records_every_token_and_layer(recorded):
     assert [s.t for s in decode[::2]] == list(range(20, 84))
 
 
+def test_trace_carries_lookahead_hints(recorded):
+    tr = load_trace(recorded[0])
+    decode = [s for s in tr.steps if not s.prefill]
+    assert all(set(s.hints) == {2} and len(s.hints[2]) == 3 for s in decode if s.layer == 1)
+    assert all(s.hints is None for s in decode if s.layer == 2)  # the last MoE layer looks nowhere
+
+
 def test_belady_bounds_every_policy(recorded):
     tr = load_trace(recorded[0])
     for budget in ("20%", "40%", "70%"):
@@ -50,6 +57,8 @@ def test_belady_bounds_every_policy(recorded):
         for name in ("lru", "lfu", "hybrid"):
             assert 0 <= r[name]["hit_rate"] <= r["belady"]["hit_rate"] <= 1
             assert r[name]["hits"] + r[name]["misses"] == 128 * 3
+        blind = replay(tr, budget, policies=("hybrid",), hints=False)["hybrid"]
+        assert blind["hit_rate"] <= r["belady"]["hit_rate"]
     full = replay(tr, "100%")
     assert full["belady"]["misses"] == full["lru"]["misses"] == len({(s.layer, e) for s in tr.steps
                                                                       if not s.prefill for e in s.experts})
