@@ -146,8 +146,9 @@ class DecoderGraph:
 
         c, k_pe = g.op("Split", [kv, g.ints(r, rope)], p + ".split_kv", outputs=2, axis=-1)
         c = self.rms_norm(c, p + ".kv_a_layernorm.weight", 1e-6)
-        k_pe = self.rope(g.op("Unsqueeze", [k_pe, g.ints(1)]))  # [B, 1, S, rope]
-        new = g.op("Concat", [g.op("Unsqueeze", [c, g.ints(1)]), k_pe], p + ".latent", axis=-1)
+        k_pe = g.op("RotaryEmbedding", [k_pe, self.cos, self.sin, "position_ids"], "rope", interleaved=1,
+                    num_heads=1)  # [B, S, rope]: one head shared by all
+        new = g.op("Unsqueeze", [g.op("Concat", [c, k_pe], axis=-1), g.ints(1)], p + ".latent")  # [B, 1, S, r + rope]
         latent = g.op("Concat", [past, new], p + ".present", axis=2)  # [B, 1, T, r + rope]
 
         kv_b = self.read(p + ".kv_b_proj.weight").reshape(H, nope + v, r)
@@ -168,9 +169,9 @@ class DecoderGraph:
         """Routed experts (QMoE) + shared experts; h [B, S, hidden]."""
         cfg, g = self.cfg, self.g
         E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-        flat = g.op("Reshape", [h, g.ints(-1, cfg.hidden_size)], p + ".tokens")  # [N, hidden]
         router = g.const(np.ascontiguousarray(self.read(p + ".gate.weight").T), p + ".gate.weight_t")
-        logits = g.op("MatMul", [flat, router], p + ".router_logits")  # [N, E]
+        logits = g.op("MatMul", [h, router], p + ".router_logits")  # [B, S, E]
+        logits = g.op("Reshape", [logits, g.ints(-1, E)])  # [N, E]: QMoE takes 2-D router inputs, 3-D tokens
         scores = g.op("Sigmoid" if cfg.scoring_func == "sigmoid" else "Softmax", [logits], p + ".scores",
                       **({} if cfg.scoring_func == "sigmoid" else {"axis": -1}))
         choice = scores
@@ -184,7 +185,7 @@ class DecoderGraph:
         blocked = {"block_size": self.quant.block_size} if self.quant.bits == 4 else {}
         # QMoE picks the top k of softmax(router_probs) (order-preserving, so the top k of the
         # choice scores; masked groups are -inf) and mixes with router_weights at those experts.
-        routed = g.op("QMoE", [flat, choice, fc1, fc1_scales, "", fc2, fc2_scales, "", "", "", "", "", "", "",
+        routed = g.op("QMoE", [h, choice, fc1, fc1_scales, "", fc2, fc2_scales, "", "", "", "", "", "", "",
                                scores], p + ".experts", domain=MS,
                       k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                       normalize_routing_weights=int(cfg.norm_topk_prob), expert_weight_bits=self.quant.bits,
@@ -192,8 +193,8 @@ class DecoderGraph:
         if cfg.routed_scaling_factor != 1.0:
             routed = g.op("Mul", [routed, g.scalar(cfg.routed_scaling_factor)])
         if cfg.n_shared_experts:
-            routed = g.op("Add", [routed, self.swiglu_mlp(flat, p + ".shared_experts")])
-        return g.op("Reshape", [routed, g.op("Shape", [h])], p + ".out")
+            routed = g.op("Add", [routed, self.swiglu_mlp(h, p + ".shared_experts")])
+        return routed
 
     def group_limit(self, choice: str, p: str) -> str:
         """Keeps the topk_group best groups of experts (-inf elsewhere): group score = sum of the
