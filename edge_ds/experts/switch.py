@@ -1,13 +1,14 @@
 """LazySwitchGLU: the routed experts of one MoE layer, computed from ExpertCache slots.
 
 It stands in for models.moe.SwitchGLU (same call: x [N, D], indices [N, k] -> [N, k, D]) and
-follows the same arithmetic path, so results are bit-identical to the resident model:
-  - decode-sized calls (< SORT_PAIRS pairs): one gather_qmm over the cache pool with slot
-    indices instead of expert indices; each (token, expert) pair is computed the same way;
-  - prefill-sized calls: pairs sorted by expert exactly as SwitchGLU sorts them; each group
-    of experts ("wave") gets a compact stack of its slots in expert order, so the sorted,
-    grouped multiply sees the same rows in the same order, and the dense-vs-quantized choice
-    is made on the whole call's size as QuantizedExpertLinear makes it.
+runs SwitchGLU's own code on cache stacks, so results are bit-identical to the resident model:
+  - decode-sized calls (< SORT_PAIRS pairs): SwitchGLU._ffn over the cache pool with slot
+    indices instead of expert indices, the same gather call shape, so each (token, expert)
+    pair is computed the same way;
+  - prefill-sized calls: pairs sorted by expert exactly as SwitchGLU sorts them; each group of
+    experts ("wave") gets a compact stack of its slots in expert order and monotone local
+    indices, so SwitchGLU's sorted path (per-expert matmuls on the CPU) sees the same rows of
+    each expert in the same order.
 A call needs more experts than fit at once only when the budget is small (prefill); it then
 runs in waves that reuse the slots, each evaluated before its slots are refilled.
 
@@ -21,7 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..models.layers import dense_prefill, unpack
+from ..models.layers import QuantizedExpertLinear
+from ..models.moe import SwitchGLU
 from .cache import ExpertCache
 from .store import PROJS
 
@@ -32,21 +34,6 @@ PREFILL_TOKENS = 16  # calls with this many tokens stream past the cache (prefil
 DENSE_WAVE_BYTES = 16 << 20
 
 
-class _Quantized:
-    """What layers.unpack needs from a quantized module, over arrays we pass in."""
-
-    def __init__(self, q: dict, arrays: dict[str, mx.array], proj: str):
-        self.group_size, self.bits, self.mode = q["group_size"], q["bits"], q["mode"]
-        self._arrays = {k: arrays.get(f"{proj}.{k}") for k in ("weight", "scales", "biases")}
-
-    def __getitem__(self, k: str) -> mx.array:
-        return self._arrays[k]
-
-    def get(self, k: str, default=None):
-        v = self._arrays.get(k)
-        return default if v is None else v
-
-
 class LazySwitchGLU:
     """Routed experts of MoE layer `layer`, read on demand into `cache`; x [N, D], indices [N, k] -> [N, k, D]."""
 
@@ -54,8 +41,15 @@ class LazySwitchGLU:
                  lookahead: list[tuple[int, nn.Module]] = ()):
         self.layer = layer
         self.cache = cache
-        self.quant = quant  # proj -> {"group_size", "bits", "mode"} or None (float experts)
         self.lookahead = list(lookahead)  # (layer, router) of the next MoE layers, nearest first
+        # A SwitchGLU whose projections are pointed at cache stacks for each call, so the
+        # arithmetic is models.moe's own (its weights are never evaluated: no memory).
+        cfg = cache.store.cfg
+        self.glu = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, 1)
+        for proj in PROJS:
+            q = quant[proj]
+            if q is not None:
+                setattr(self.glu, proj, QuantizedExpertLinear(q["group_size"], q["bits"], q["mode"]))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         cache = self.cache
@@ -96,7 +90,7 @@ class LazySwitchGLU:
             table = np.zeros(self.cache.store.num_experts, np.uint32)
             table[[e for e, _ in got]] = [s for _, s in got]
             slots = table[idx]  # [N, k]
-            y = self._ffn(x[:, None, None, :], mx.array(slots), self.cache.arrays, False, False)  # [N, k, 1, D]
+            y = self._bind(self.cache.arrays)._ffn(x[:, None, None, :], mx.array(slots))  # [N, k, 1, D]
             self.cache.hold(y, [s for _, s in got])
             return y.squeeze(-2)
         # Waves: each computes its pairs, one row per pair, as the broadcast gather would.
@@ -107,7 +101,7 @@ class LazySwitchGLU:
             pos = np.flatnonzero(np.isin(flat, list(table)))
             slots = np.array([table[e] for e in flat[pos]], np.uint32)
             xs = x[mx.array(pos // k)][:, None, :]  # [P, 1, D]
-            y = self._ffn(xs, mx.array(slots), self.cache.arrays, False, False)  # [P, 1, D]
+            y = self._bind(self.cache.arrays)._ffn(xs, mx.array(slots))  # [P, 1, D]
             self.cache.hold(y, [s for _, s in got])
             outs.append(y)
             positions.append(pos)
@@ -125,9 +119,9 @@ class LazySwitchGLU:
         order_np = np.array(order)
         experts_sorted = idx.ravel()[order_np]  # [N * k], ascending
         xs = x[:, None, None, :].flatten(0, -3)[order // k]  # [N * k, 1, D]
-        dense = dense_prefill(indices.size)
+        cpu = mx.default_device() == mx.cpu
         limit = None
-        if dense:
+        if cpu:  # SwitchGLU unpacks each expert to float on the CPU: bound a wave's share
             cfg = self.cache.store.cfg
             unpacked = 3 * cfg.hidden_size * cfg.moe_intermediate_size * x.dtype.size  # one expert, float
             limit = max(1, DENSE_WAVE_BYTES // unpacked)
@@ -138,10 +132,13 @@ class LazySwitchGLU:
             wave = np.array([e for e, _ in got])
             slots = [s for _, s in got]
             end = int(np.searchsorted(experts_sorted, wave[-1], side="right"))
-            local = np.searchsorted(wave, experts_sorted[start:end]).astype(np.uint32)  # monotone: same order
+            local = mx.array(np.searchsorted(wave, experts_sorted[start:end]).astype(np.uint32))  # monotone
             pick = mx.array(np.array(slots, np.uint32))
-            stack = {key: mx.take(a, pick, axis=0) for key, a in self.cache.arrays.items()}  # [w, ...]
-            y = self._ffn(xs[start:end], mx.array(local), stack, True, dense)  # [pairs, 1, D]
+            glu = self._bind({key: mx.take(a, pick, axis=0) for key, a in self.cache.arrays.items()})  # [w, ...]
+            if cpu:  # as SwitchGLU.__call__ dispatches its sorted rows
+                y = glu._per_expert(xs[start:end].reshape(end - start, -1), local)[:, None, :]
+            else:
+                y = glu._ffn(xs[start:end], local, sorted_indices=True)  # [pairs, 1, D]
             start, remaining = end, remaining[len(got):]
             if remaining or outs:
                 mx.eval(y)  # one wave's unpacked weights at a time, not the whole layer's
@@ -151,21 +148,12 @@ class LazySwitchGLU:
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs)
         return y[inv].reshape(N, k, -1)
 
-    def _ffn(self, x: mx.array, idx: mx.array, arrays: dict[str, mx.array], sorted_: bool, dense: bool) -> mx.array:
-        g = self._linear("gate_proj", x, idx, arrays, sorted_, dense)
-        u = self._linear("up_proj", x, idx, arrays, sorted_, dense)
-        return self._linear("down_proj", nn.silu(g) * u, idx, arrays, sorted_, dense)
-
-    def _linear(self, proj: str, x: mx.array, idx: mx.array, arrays: dict[str, mx.array], sorted_: bool,
-                dense: bool) -> mx.array:
-        """ExpertLinear / QuantizedExpertLinear's arithmetic, over the given stacks."""
-        w = arrays[f"{proj}.weight"]
-        q = self.quant[proj]
-        if q is None:
-            return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_)
-        if sorted_ and dense:
-            return mx.gather_mm(x, unpack(_Quantized(q, arrays, proj), x.dtype).swapaxes(-1, -2), rhs_indices=idx,
-                                sorted_indices=True)
-        return mx.gather_qmm(x, w, arrays[f"{proj}.scales"], arrays.get(f"{proj}.biases"), rhs_indices=idx,
-                             transpose=True, group_size=q["group_size"], bits=q["bits"], mode=q["mode"],
-                             sorted_indices=sorted_)
+    def _bind(self, arrays: dict[str, mx.array]) -> SwitchGLU:
+        """The shell SwitchGLU with its projections reading `arrays` (key -> [n, ...] stack)."""
+        for proj in PROJS:
+            lin = getattr(self.glu, proj)
+            for kind in ("weight", "scales", "biases"):
+                a = arrays.get(f"{proj}.{kind}")
+                if a is not None:
+                    lin[kind] = a
+        return self.glu
