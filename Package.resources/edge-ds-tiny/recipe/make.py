@@ -29,8 +29,26 @@ SAMPLE_PROMPTS = [
     "And the LORD spake unto Moses, saying,",
     "Blessed are the",
 ]
+TEST_WINDOWS = 12  # tests/test_default_model.py scores this many validation windows (a quick CI check)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
                "tokenizer_config.json")
+
+
+def float_subset_perplexity(work: Path, log: dict) -> float:
+    """The torch float model's perplexity on the first TEST_WINDOWS validation windows: the
+    independent figure the test holds the shipped 4-bit model to."""
+    import torch
+    import transformers
+
+    import train
+    from edge_ds.tokenizer import Tokenizer
+
+    torch.set_num_threads(2)
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(work / "hf", dtype=torch.float32).eval()
+    model.config._attn_implementation = "eager"
+    tok = Tokenizer.load(work / "hf")
+    windows = train.validation_windows(tok, corpus.VALIDATION.read_text(encoding="utf-8"), log["train"]["eval_window"])
+    return train.perplexity(model, windows[:TEST_WINDOWS])
 
 
 def convert_all(work: Path) -> dict[str, Path]:
@@ -176,6 +194,10 @@ def main() -> None:
 
         train.train(work)
     log = json.loads((work / "train_log.json").read_text())
+    if "validation_ppl_float_test_windows" not in log:
+        log["test_windows"] = TEST_WINDOWS
+        log["validation_ppl_float_test_windows"] = float_subset_perplexity(work, log)
+        (work / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     dirs = convert_all(work)
     report = evaluate(dirs, log["train"]["eval_window"])
     report["validation_ppl_float_torch"] = log["validation_ppl_float"]
