@@ -55,11 +55,11 @@ def main() -> None:
     hf = build(out)
     onnx_dir = out / f"onnx-q4-b{args.block_size}"
     if not onnx_dir.exists():
-        run(["edge-ds", "export-onnx", str(hf), str(onnx_dir), "--bits", "4", "--block-size", str(args.block_size),
+        run([sys.executable, "-m", "edge_ds.cli", "export-onnx", str(hf), str(onnx_dir), "--bits", "4", "--block-size", str(args.block_size),
              "--accuracy-level", "4"])
 
     env = dict(os.environ, EDGE_DS_THREADS=str(args.threads))
-    ours = json.loads(run(["edge-ds", "bench", "--model", str(onnx_dir), "--backend", "onnx", "-p", str(args.p),
+    ours = json.loads(run([sys.executable, "-m", "edge_ds.cli", "bench", "--model", str(onnx_dir), "--backend", "onnx", "-p", str(args.p),
                            "-g", str(args.g), "-n", str(args.n), "--json"], env=env))
     theirs = llama_bench(args.llama_bench, args.gguf, args.p, args.g, args.n, args.threads)
     result = {"edge_ds_onnx": ours, "llama_cpp_q4_0": theirs,

@@ -383,3 +383,19 @@ def test_bad_runtime_input(lm_dir, tmp_path):
         OnnxModel(lm_dir.parent / "hf")
     with pytest.raises(EdgeDSError, match="backend"):
         edge_ds.load(lm_dir, backend="tpu")
+
+
+def test_readme_example_runs_the_exported_default_model(tmp_path):
+    """The README's plain-onnxruntime example (no edge_ds imports) on the exported shipped model
+    generates what the onnx backend generates greedily."""
+    from edge_ds.resources import default_model_path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("Plain onnxruntime, no edge-ds code")[1].split("```python\n")[1].split("```")[0]
+    assert "edge_ds" not in code and len(code.strip().splitlines()) <= 30
+    out = export_onnx(default_model_path(), tmp_path / "tiny-onnx")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lm = edge_ds.load(out, backend="onnx")
+    expected = lm.generate("In the beginning", max_tokens=40, chat_template=False).text
+    assert r.stdout.strip() == expected.strip() and len(expected.split()) >= 5
