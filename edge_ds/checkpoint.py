@@ -33,6 +33,24 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Largest single read syscall: Linux caps one read at ~2 GiB, macOS at INT_MAX.
 _MAX_READ = 1 << 30
 
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fills `view` from byte `offset` of the open file `fd` without moving its position (safe
+    from many threads); returns the bytes read, short only at end of file."""
+    done, n = 0, len(view)
+    while done < n:
+        chunk = view[done : done + min(n - done, _MAX_READ)]
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [chunk], offset + done)  # reads straight into the array
+        else:
+            data = os.pread(fd, len(chunk), offset + done)
+            got = len(data)
+            chunk[:got] = data
+        if got == 0:
+            break
+        done += got
+    return done
+
 _DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "U8": np.dtype("<u1"),
@@ -202,19 +220,7 @@ class SafetensorsFile:
             with self._lock:
                 self._file.seek(offset)
                 return self._file.readinto(view) or 0
-        done, n = 0, len(view)
-        while done < n:
-            chunk = view[done : done + min(n - done, _MAX_READ)]
-            if hasattr(os, "preadv"):
-                got = os.preadv(fd, [chunk], offset + done)  # reads straight into the array
-            else:
-                data = os.pread(fd, len(chunk), offset + done)
-                got = len(data)
-                chunk[:got] = data
-            if got == 0:
-                break
-            done += got
-        return done
+        return pread_into(fd, view, offset)
 
     def _fileno(self) -> int:
         if self._fd is None:

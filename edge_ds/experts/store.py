@@ -19,7 +19,7 @@ import ml_dtypes
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import Checkpoint, numpy_dtype
+from ..checkpoint import Checkpoint, numpy_dtype, pread_into
 from ..config import ModelConfig
 from ..errors import EdgeDSError
 
@@ -177,7 +177,7 @@ class ExpertStore:
                 return None
             got = t.nbytes
         else:
-            got = _pread_into(self._fd(path), memoryview(buf), offset)
+            got = pread_into(self._fd(path), memoryview(buf), offset)
         if got != t.nbytes:
             raise EdgeDSError(f"{path}: truncated: expert {expert} of {name!r} needs bytes {offset}..{offset + t.nbytes} "
                               f"but only {got} could be read (file changed or truncated since it was opened)")
@@ -232,25 +232,7 @@ def wait(futures: list[Future]) -> int:
     return total
 
 
-_MAX_READ = 1 << 30  # one read syscall: Linux caps at ~2 GiB, macOS at INT_MAX
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0  # Linux: fail instead of waiting on disk
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fills `view` from `offset`; returns the bytes read (short only at end of file)."""
-    done, n = 0, len(view)
-    while done < n:
-        chunk = view[done: done + min(n - done, _MAX_READ)]
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, [chunk], offset + done)
-        else:
-            data = os.pread(fd, len(chunk), offset + done)
-            got = len(data)
-            chunk[:got] = data
-        if got == 0:
-            break
-        done += got
-    return done
 
 
 # --- platform hints (all optional: a missing call changes speed, never results) ------------
