@@ -13,9 +13,7 @@ temporary directory that is renamed to DST only when all of it is done.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +26,7 @@ from edge_ds.config import ModelConfig
 from edge_ds.errors import EdgeDSError
 
 from .fp8 import dequantize_fp8_blocks
+from .staging import staged_output
 
 QUANT_PRESETS = {  # name -> (mode, bits, default group size)
     "4bit": ("affine", 4, 64),
@@ -37,9 +36,6 @@ QUANT_PRESETS = {  # name -> (mode, bits, default group size)
     "none": (None, None, None),
 }
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "LICENSE", "LICENSE.txt", "README.md")
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 Progress = Callable[[int, int, str], None]
@@ -83,45 +79,35 @@ def convert(src: str | Path, dst: str | Path, quant: str = "4bit", group_size: i
     ckpt = Checkpoint(src)
     units = _plan(cfg, ckpt)
 
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        writer = _LayerWriter(cfg, ckpt, q, DTYPES[dtype])
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        main_units = [u for u in units if u[0] != "mtp"]
-        for n, (kind, names) in enumerate(units):
+        with staged_output(src, dst) as tmp:
+            writer = _LayerWriter(cfg, ckpt, q, DTYPES[dtype])
+            weight_map: dict[str, str] = {}
+            total_size = 0
+            main_units = [u for u in units if u[0] != "mtp"]
+            for n, (kind, names) in enumerate(units):
+                if progress:
+                    progress(n, len(units), kind)
+                arrays = writer.convert(names)
+                if kind == "mtp":
+                    fname = "mtp.safetensors"
+                else:
+                    fname = f"model-{n + 1:05d}-of-{len(main_units):05d}.safetensors"
+                    weight_map.update({k: fname for k in arrays})
+                    total_size += sum(a.nbytes for a in arrays.values())
+                mx.save_safetensors(str(tmp / fname), arrays, metadata={"format": "mlx"})
+                del arrays
+            _check_complete(cfg, ckpt, weight_map)
             if progress:
-                progress(n, len(units), kind)
-            arrays = writer.convert(names)
-            if kind == "mtp":
-                fname = "mtp.safetensors"
-            else:
-                fname = f"model-{n + 1:05d}-of-{len(main_units):05d}.safetensors"
-                weight_map.update({k: fname for k in arrays})
-                total_size += sum(a.nbytes for a in arrays.values())
-            mx.save_safetensors(str(tmp / fname), arrays, metadata={"format": "mlx"})
-            del arrays
-        _check_complete(cfg, ckpt, weight_map)
-        if progress:
-            progress(len(units), len(units), "done")
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        out_cfg = cfg.to_dict()
-        if q.mode is not None:
-            out_cfg["quantization"] = q.block()
-            out_cfg["quantization_config"] = q.block()
-        out_cfg["torch_dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2))
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                progress(len(units), len(units), "done")
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            out_cfg = cfg.to_dict()
+            if q.mode is not None:
+                out_cfg["quantization"] = q.block()
+                out_cfg["quantization_config"] = q.block()
+            out_cfg["torch_dtype"] = dtype
+            (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2))
     finally:
         ckpt.close()
     return dst

@@ -10,8 +10,6 @@ one float tensor. Everything is written into a hidden temporary directory rename
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +19,7 @@ from edge_ds.checkpoint import Checkpoint
 from edge_ds.config import ModelConfig
 from edge_ds.errors import EdgeDSError
 
+from ..staging import staged_output
 from .graph import build_model, io_names
 from .quant import BlockQuant
 from .sources import open_reader
@@ -29,9 +28,6 @@ MANIFEST = "onnx.json"
 MODEL = "model.onnx"
 EXTERNAL_DATA = "model.onnx.data"
 EXTERNAL_ABOVE = 1 << 30  # protobuf caps a file at 2 GB; go external well before
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "LICENSE", "LICENSE.txt")
 
 Progress = Callable[[int, int, str], None]
 
@@ -59,37 +55,27 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
     quant = BlockQuant(bits, block_size, accuracy_level)
 
     ckpt = Checkpoint(src)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        reader = open_reader(cfg, ckpt, progress)
-        model = build_model(cfg, reader, quant)
-        size = sum(t.ByteSize() for t in model.graph.initializer)
-        if progress:
-            progress(reader.total, reader.total, "writing")
-        external = size > EXTERNAL_ABOVE
-        onnx.save_model(model, str(tmp / MODEL), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA, size_threshold=1024)
-        onnx.checker.check_model(str(tmp / MODEL))
-        cfg.quantization = None  # an MLX source's block: the ONNX weights carry their own
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        manifest = {"format": "edge-ds-onnx-v1", "model_type": cfg.model_type, "file": MODEL,
-                    "external_data": EXTERNAL_DATA if external else None,
-                    "quantization": {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
-                                     "symmetric": True},
-                    "num_layers": cfg.num_hidden_layers, "latent_dim": cfg.latent_dim,
-                    "kv_lora_rank": cfg.kv_lora_rank, "vocab_size": cfg.vocab_size,
-                    "max_position_embeddings": cfg.max_position_embeddings, **io_names(cfg)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_output(src, dst) as tmp:
+            reader = open_reader(cfg, ckpt, progress)
+            model = build_model(cfg, reader, quant)
+            size = sum(t.ByteSize() for t in model.graph.initializer)
+            if progress:
+                progress(reader.total, reader.total, "writing")
+            external = size > EXTERNAL_ABOVE
+            onnx.save_model(model, str(tmp / MODEL), save_as_external_data=external, all_tensors_to_one_file=True,
+                            location=EXTERNAL_DATA, size_threshold=1024)
+            onnx.checker.check_model(str(tmp / MODEL))
+            cfg.quantization = None  # an MLX source's block: the ONNX weights carry their own
+            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            manifest = {"format": "edge-ds-onnx-v1", "model_type": cfg.model_type, "file": MODEL,
+                        "external_data": EXTERNAL_DATA if external else None,
+                        "quantization": {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
+                                         "symmetric": True},
+                        "num_layers": cfg.num_hidden_layers, "latent_dim": cfg.latent_dim,
+                        "kv_lora_rank": cfg.kv_lora_rank, "vocab_size": cfg.vocab_size,
+                        "max_position_embeddings": cfg.max_position_embeddings, **io_names(cfg)}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     finally:
         ckpt.close()
     return dst

@@ -1,0 +1,33 @@
+"""Writing a converter's output so that DST appears complete or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "LICENSE", "LICENSE.txt", "README.md")
+
+
+@contextmanager
+def staged_output(src: Path, dst: Path) -> Iterator[Path]:
+    """Yields a hidden temporary directory beside DST. When the block succeeds, SRC's tokenizer
+    files are copied in and it is renamed to DST; on any error it is removed, so a failed or
+    interrupted run never leaves a half-written DST."""
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
