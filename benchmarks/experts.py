@@ -136,20 +136,37 @@ def policy_table(model: str, tokens: int, budgets: list[str], half_lives: list[f
         lm.experts.recorder.close()
         tr = load_trace(file)
     decode = sum(1 for s in tr.steps if not s.prefill)
+    names = ("lru", "lfu", "hybrid", "belady-0", "belady-1", "belady")
     lines = [f"**{Path(model).name}**: routing of {len(PROMPTS)} prompts x {tokens} sampled tokens "
              f"({decode} decode (token, layer) steps), decode hit rate by policy", "",
-             "| budget | slots | LRU | LFU | hybrid | Belady | hybrid - Belady |", "|---|---|---|---|---|---|---|"]
+             "| budget | slots | LRU | LFU | hybrid | Belady, this token | Belady, 1 token ahead | Belady "
+             "| hybrid - Belady |", "|---|---|---|---|---|---|---|---|---|"]
     for b in budgets:
-        r = replay(tr, b)
-        rates = [r[p]["hit_rate"] for p in ("lru", "lfu", "hybrid", "belady")]
+        r = replay(tr, b, policies=names)
+        rates = [r[p]["hit_rate"] for p in names]
         lines.append(f"| {b} | {r['slots']} | " + " | ".join(f"{x:.3f}" for x in rates)
-                     + f" | {100 * (rates[2] - rates[3]):+.1f} pts |")
+                     + f" | {100 * (rates[2] - rates[-1]):+.1f} pts |")
     lines += ["", "| hybrid half-life (tokens) | " + " | ".join(budgets) + " |",
               "|---|" + "---|" * len(budgets)]
     for h in half_lives:
         rates = [replay(tr, b, policies=("hybrid",), half_life=h)["hybrid"]["hit_rate"] for b in budgets]
         lines.append(f"| {h:g} | " + " | ".join(f"{x:.3f}" for x in rates) + " |")
+    lines += ["", "| hybrid, layers of lookahead hints | " + " | ".join(budgets) + " |",
+              "|---|" + "---|" * len(budgets)]
+    for ahead in range(max(len(s.hints or {}) for s in tr.steps) + 1):
+        rates = [replay(_nearest_hints(tr, ahead), b, policies=("hybrid",))["hybrid"]["hit_rate"] for b in budgets]
+        lines.append(f"| {ahead} | " + " | ".join(f"{x:.3f}" for x in rates) + " |")
     return "\n".join(lines)
+
+
+def _nearest_hints(tr, ahead: int):
+    """The trace with each step's hints cut to the nearest `ahead` later layers."""
+    from dataclasses import replace
+
+    from edge_ds.trace import Trace
+
+    steps = [replace(s, hints={m: s.hints[m] for m in sorted(s.hints)[:ahead]}) if s.hints else s for s in tr.steps]
+    return Trace(tr.header, steps)
 
 
 def table(model: str, rows: list[tuple[dict, dict]], resident: float) -> str:

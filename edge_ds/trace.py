@@ -104,26 +104,45 @@ def load_trace(path: str | Path) -> Trace:
 
 class Belady(Policy):
     """Evicts the key used again furthest in the future (never again first): the optimum for
-    a cache that must hold each step's experts. Needs the trace, so only replay has it."""
+    a cache that must hold each step's experts. Needs the trace, so only replay has it.
+
+    With `horizon` it sees only the routing of the current token and the next `horizon`
+    tokens, and ranks keys not used within that window by `fallback` (an online policy): how
+    much of the optimum needs foreknowledge of tokens that are not sampled yet."""
 
     name = "belady"
 
-    def __init__(self):
-        self.next_use: dict = {}
+    def __init__(self, horizon: int | None = None, fallback: Policy | None = None):
+        self.next_use: dict = {}  # key -> (token, step index) of its next use
+        self.horizon = horizon
+        self.fallback = fallback
+        self.t = 0  # the current token
+
+    def access(self, key, t):
+        self.t = t
+        if self.fallback is not None:
+            self.fallback.access(key, t)
+
+    def evicted(self, key):
+        if self.fallback is not None:
+            self.fallback.evicted(key)
 
     def priority(self, key):
-        return -self.next_use.get(key, math.inf)
+        t, i = self.next_use.get(key, (math.inf, math.inf))
+        if self.horizon is None or t <= self.t + self.horizon:
+            return (1, -i)  # known: the further away, the sooner evicted
+        return (0, self.fallback.priority(key) if self.fallback else 0)  # beyond sight: evicted first
 
 
 def _next_uses(steps: list[Step]) -> list[dict]:
-    """For each step, key -> index of the next step using it (inf if none)."""
+    """For each step, key -> (token, index) of the next step using it ((inf, inf) if none)."""
     after: dict = {}
     out: list[dict] = [{}] * len(steps)
     for i in range(len(steps) - 1, -1, -1):
         keys = [(steps[i].layer, e) for e in steps[i].experts]
-        out[i] = {k: after.get(k, math.inf) for k in keys}
+        out[i] = {k: after.get(k, (math.inf, math.inf)) for k in keys}
         for k in keys:
-            after[k] = i
+            after[k] = (steps[i].t, i)
     return out
 
 
@@ -144,6 +163,9 @@ def simulate(steps: list[Step], slots: int, policy: Policy, next_uses: list[dict
             order = sorted(step.hints or {})  # nearest later layer first, as the runtime ranks them
             policy.set_hints({(m, e): ahead for ahead in range(len(order) - 1, -1, -1)
                               for m in [order[ahead]] for e in step.hints[m]})
+        if next_uses is not None:  # Belady: the future it may see, from this token on
+            policy.t = step.t
+            policy.next_use.update(next_uses[i])
         overflow = len(resident) + len(missing) - slots
         if overflow > 0:
             needed = set(need)
@@ -151,8 +173,6 @@ def simulate(steps: list[Step], slots: int, policy: Policy, next_uses: list[dict
                 resident.discard(v)
                 policy.evicted(v)
         resident.update(missing)
-        if next_uses is not None:
-            policy.next_use.update(next_uses[i])
         for k in need:
             policy.access(k, step.t)
     return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
@@ -161,17 +181,19 @@ def simulate(steps: list[Step], slots: int, policy: Policy, next_uses: list[dict
 def replay(trace: Trace, budget: int | str, policies: tuple[str, ...] = ("lru", "lfu", "hybrid", "belady"),
            prefill: bool = False, half_life: float | None = None, hints: bool = True) -> dict:
     """Hit rates of each policy on the trace with `budget` (bytes, "512MiB" or "25%") of experts.
-    By default only decode steps are replayed: the runtime streams prefill past the cache."""
+    By default only decode steps are replayed: the runtime streams prefill past the cache.
+    "belady-H" is Belady seeing only the current token and the next H tokens (hybrid beyond)."""
     nbytes = parse_budget(budget, trace.routed_bytes, what="--budget")
     slots = nbytes // trace.expert_bytes
     steps = [s for s in trace.steps if prefill or not s.prefill]
     results = {"slots": slots, "budget_bytes": slots * trace.expert_bytes, "steps": len(steps)}
     for name in policies:
-        if name == "belady":
-            results[name] = simulate(steps, slots, Belady(), _next_uses(steps))
+        if name == "belady" or (name.startswith("belady-") and name[7:].isdigit()):
+            horizon = int(name[7:]) if name != "belady" else None
+            results[name] = simulate(steps, slots, Belady(horizon, POLICIES["hybrid"]()), _next_uses(steps))
             continue
         if name not in POLICIES:
-            raise EdgeDSError(f"unknown policy {name!r} (choose from {', '.join([*POLICIES, 'belady'])})")
+            raise EdgeDSError(f"unknown policy {name!r} (choose from {', '.join([*POLICIES, 'belady', 'belady-H'])})")
         options = {"half_life": half_life} if name == "hybrid" and half_life else {}
         results[name] = simulate(steps, slots, POLICIES[name](**options), hints=hints)
     return results

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from edge_ds.cli import main as cli
 from edge_ds.errors import EdgeDSError
 from edge_ds.experts import LRU, attach_experts
+from edge_ds.experts.policy import DecayedFrequency
 from edge_ds.loading import load_model
 from edge_ds.trace import Belady, Step, TraceRecorder, _next_uses, load_trace, replay, simulate
 from tests.test_experts import greedy_run
@@ -52,9 +53,9 @@ def test_trace_carries_lookahead_hints(recorded):
 def test_belady_bounds_every_policy(recorded):
     tr = load_trace(recorded[0])
     for budget in ("20%", "40%", "70%"):
-        r = replay(tr, budget)
+        r = replay(tr, budget, policies=("lru", "lfu", "hybrid", "belady-0", "belady-1", "belady"))
         assert r["steps"] == 128 and r["slots"] >= 3
-        for name in ("lru", "lfu", "hybrid"):
+        for name in ("lru", "lfu", "hybrid", "belady-0", "belady-1"):
             assert 0 <= r[name]["hit_rate"] <= r["belady"]["hit_rate"] <= 1
             assert r[name]["hits"] + r[name]["misses"] == 128 * 3
         blind = replay(tr, budget, policies=("hybrid",), hints=False)["hybrid"]
@@ -69,6 +70,11 @@ def test_belady_on_a_known_sequence():
     assert simulate(steps, 2, LRU())["hits"] == 0  # LRU thrashes a cycle one longer than the cache
     # Worked by hand: evict the key used furthest ahead -> hits at t=3 (1), t=6 (1), t=9 (4).
     assert simulate(steps, 2, Belady(), _next_uses(steps))["hits"] == 3
+    # Seeing two tokens ahead is enough here (worked by hand: the same three hits) ...
+    assert simulate(steps, 2, Belady(2, DecayedFrequency()), _next_uses(steps))["hits"] == 3
+    # ... seeing only the current token leaves nothing but the fallback's ranking.
+    blind = simulate(steps, 2, Belady(0, DecayedFrequency()), _next_uses(steps))
+    assert blind == simulate(steps, 2, DecayedFrequency()) and blind["hits"] < 3
 
 
 def test_trace_replay_cli(recorded):

@@ -11,7 +11,7 @@ from .policy import make_policy
 from .store import PROJS, ExpertStore
 from .switch import LazySwitchGLU
 
-LOOKAHEAD = 2  # layers whose experts each layer predicts (a router matvec each)
+LOOKAHEAD = 4  # layers whose experts each layer predicts (a router matvec each)
 
 
 def attach_experts(model, directory: str | Path, budget: int | str, policy: str = "hybrid",

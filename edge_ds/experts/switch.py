@@ -2,7 +2,7 @@
 
 It stands in for models.moe.SwitchGLU (same call: x [N, D], indices [N, k] -> [N, k, D]) and
 runs SwitchGLU's own code on cache stacks, so results are bit-identical to the resident model:
-  - decode-sized calls (< SORT_PAIRS pairs): SwitchGLU._ffn over the cache pool with slot
+  - decode-sized calls (< SORT_PAIRS pairs): SwitchGLU.gather_ffn over the cache pool with slot
     indices instead of expert indices, the same gather call shape, so each (token, expert)
     pair is computed the same way;
   - prefill-sized calls: pairs sorted by expert exactly as SwitchGLU sorts them; each group of
@@ -90,7 +90,7 @@ class LazySwitchGLU:
             table = np.zeros(self.cache.store.num_experts, np.uint32)
             table[[e for e, _ in got]] = [s for _, s in got]
             slots = table[idx]  # [N, k]
-            y = self._bind(self.cache.arrays)._ffn(x[:, None, None, :], mx.array(slots))  # [N, k, 1, D]
+            y = self._bind(self.cache.arrays).gather_ffn(x[:, None, None, :], mx.array(slots))  # [N, k, 1, D]
             self.cache.hold(y, [s for _, s in got])
             return y.squeeze(-2)
         # Waves: each computes its pairs, one row per pair, as the broadcast gather would.
@@ -101,7 +101,7 @@ class LazySwitchGLU:
             pos = np.flatnonzero(np.isin(flat, list(table)))
             slots = np.array([table[e] for e in flat[pos]], np.uint32)
             xs = x[mx.array(pos // k)][:, None, :]  # [P, 1, D]
-            y = self._bind(self.cache.arrays)._ffn(xs, mx.array(slots))  # [P, 1, D]
+            y = self._bind(self.cache.arrays).gather_ffn(xs, mx.array(slots))  # [P, 1, D]
             self.cache.hold(y, [s for _, s in got])
             outs.append(y)
             positions.append(pos)
@@ -119,9 +119,8 @@ class LazySwitchGLU:
         order_np = np.array(order)
         experts_sorted = idx.ravel()[order_np]  # [N * k], ascending
         xs = x[:, None, None, :].flatten(0, -3)[order // k]  # [N * k, 1, D]
-        cpu = mx.default_device() == mx.cpu
         limit = None
-        if cpu:  # SwitchGLU unpacks each expert to float on the CPU: bound a wave's share
+        if mx.default_device() == mx.cpu:  # SwitchGLU unpacks each expert to float on the CPU: bound a wave's share
             cfg = self.cache.store.cfg
             unpacked = 3 * cfg.hidden_size * cfg.moe_intermediate_size * x.dtype.size  # one expert, float
             limit = max(1, DENSE_WAVE_BYTES // unpacked)
@@ -135,10 +134,7 @@ class LazySwitchGLU:
             local = mx.array(np.searchsorted(wave, experts_sorted[start:end]).astype(np.uint32))  # monotone
             pick = mx.array(np.array(slots, np.uint32))
             glu = self._bind({key: mx.take(a, pick, axis=0) for key, a in self.cache.arrays.items()})  # [w, ...]
-            if cpu:  # as SwitchGLU.__call__ dispatches its sorted rows
-                y = glu._per_expert(xs[start:end].reshape(end - start, -1), local)[:, None, :]
-            else:
-                y = glu._ffn(xs[start:end], local, sorted_indices=True)  # [pairs, 1, D]
+            y = glu.sorted_ffn(xs[start:end], local)  # [pairs, 1, D], as SwitchGLU's sorted path
             start, remaining = end, remaining[len(got):]
             if remaining or outs:
                 mx.eval(y)  # one wave's unpacked weights at a time, not the whole layer's

@@ -85,13 +85,21 @@ class SwitchGLU(nn.Module):
             flat = indices.flatten()
             order = mx.argsort(flat)
             inv = mx.argsort(order)
-            xs, idx = x.flatten(0, -3)[order // k], flat[order]
-            if mx.default_device() == mx.cpu:
-                y = self._per_expert(xs.reshape(N * k, -1), idx)[:, None, :]
-            else:
-                y = self._ffn(xs, idx, sorted_indices=True)
+            y = self.sorted_ffn(x.flatten(0, -3)[order // k], flat[order])
             return y[inv].reshape(N, k, -1)
-        return self._ffn(x, indices).squeeze(-2)
+        return self.gather_ffn(x, indices).squeeze(-2)
+
+    def sorted_ffn(self, xs: mx.array, idx: mx.array) -> mx.array:
+        """xs [P, 1, D] whose rows are sorted by expert idx [P] -> [P, 1, D]."""
+        if mx.default_device() == mx.cpu:
+            return self._per_expert(xs.reshape(xs.shape[0], -1), idx)[:, None, :]
+        return self.gather_ffn(xs, idx, sorted_indices=True)
+
+    def gather_ffn(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        """Expert idx[...] applied to x by gathered matmuls: x [..., 1, D], idx [...] -> [..., 1, D]."""
+        g = self.gate_proj(x, idx, sorted_indices)
+        u = self.up_proj(x, idx, sorted_indices)
+        return self.down_proj(nn.silu(g) * u, idx, sorted_indices)
 
     def _per_expert(self, xs: mx.array, idx: mx.array) -> mx.array:
         """CPU prefill: xs [P, D] sorted by expert idx [P] -> [P, D], one dense BLAS matmul per
@@ -112,11 +120,6 @@ class SwitchGLU(nn.Module):
                 outs.append((nn.silu(g) * u) @ self.down_proj.expert_weight(e, xs.dtype).T)
             start = end
         return mx.concatenate(outs, axis=0)
-
-    def _ffn(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
-        g = self.gate_proj(x, idx, sorted_indices)
-        u = self.up_proj(x, idx, sorted_indices)
-        return self.down_proj(nn.silu(g) * u, idx, sorted_indices)
 
 
 class MoE(nn.Module):
