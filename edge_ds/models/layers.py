@@ -133,9 +133,12 @@ SPLIT_ROWS = 4096
 
 
 def cpu_streams() -> list:
-    """Two CPU streams for decode work that can run side by side (made on first use)."""
+    """Two CPU streams for decode work that can run side by side (made on first use).
+
+    Thread-local: an MLX stream made with new_stream works only on the thread that made it, and
+    the model must also run on a worker thread (the server, a desktop app's generation thread)."""
     if not _cpu_streams:
-        _cpu_streams.extend(mx.new_stream(mx.cpu) for _ in range(2))
+        _cpu_streams.extend(mx.new_thread_local_stream(mx.cpu) for _ in range(2))
     return _cpu_streams
 
 
