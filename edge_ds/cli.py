@@ -1,4 +1,4 @@
-"""The `edge-ds` command line: convert, export-onnx, generate, chat, info, bench, trace."""
+"""The `edge-ds` command line: convert, export-onnx, generate, chat, serve, info, bench, trace."""
 
 from __future__ import annotations
 
@@ -235,6 +235,30 @@ def chat(model_dir, system, sampling, experts, backend):
             click.echo(" [stopped]", err=True)
             continue
         click.echo()
+
+
+@main.command()
+@model_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; there is no authentication).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0: any free port).")
+@expert_options
+@backend_option
+def serve(model_dir, host, port, experts, backend):
+    """Serve the model over an OpenAI-compatible HTTP API until Ctrl-C.
+
+    GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming
+    with "stream": true). One generation at a time; other requests wait their turn."""
+    from .api import load
+    from .server import serve as run
+
+    lm = load(model_dir, backend=backend, **experts)
+
+    def ready(server) -> None:
+        click.echo(f"edge-ds serve: {server.model_id} at {server.url}/v1 (Ctrl-C stops)")
+
+    run(lm, host, port, on_ready=ready)  # returns on Ctrl-C, so the exit status is 0
 
 
 @main.command()

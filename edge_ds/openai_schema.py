@@ -1,0 +1,200 @@
+"""The OpenAI wire format: request fields checked and turned into LanguageModel.stream options,
+and the response objects (whole and streamed) of chat and text completions."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class RequestError(Exception):
+    """A bad request: becomes an OpenAI-shaped error response."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v  # v == v: not NaN
+
+
+def _field(body: dict, name: str, check: Callable[[Any], bool], need: str, default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not check(value):
+        raise RequestError(f"'{name}' must be {need}, got {json.dumps(value)}", name)
+    return value
+
+
+def _text_content(content: Any, param: str) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for k, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RequestError(f"'{param}[{k}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                                   "this server takes text only", f"{param}[{k}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"'{param}' must be a string or a list of text parts", param)
+
+
+def parse_messages(value: Any) -> list[dict]:
+    """OpenAI chat messages -> [{"role", "content"}] for the chat template ("developer" is "system")."""
+    if not isinstance(value, list) or not value:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RequestError(f"'messages[{i}]' must be an object with role and content", f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RequestError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
+                               f"messages[{i}].role")
+        out.append({"role": ROLES[role], "content": _text_content(m.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def parse_prompt(value: Any, vocab_size: int) -> str | list[int]:
+    """A completion prompt: text or token ids, one prompt per request."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # ["text"] or [[ids]]: one prompt in a batch of one
+    if isinstance(value, str):
+        if not value:
+            raise RequestError("'prompt' is empty", "prompt")
+        return value
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        if not all(0 <= t < vocab_size for t in value):
+            raise RequestError(f"'prompt' token ids must be in [0, {vocab_size})", "prompt")
+        return value
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
+        raise RequestError("'prompt' holds several prompts; this server takes one per request", "prompt")
+    raise RequestError("'prompt' must be a non-empty string or a list of token ids", "prompt")
+
+
+def _unsupported(body: dict) -> None:
+    """Reject options that would change the answer's meaning if silently ignored."""
+    n = _field(body, "n", _is_int, "an integer", 1)
+    if n != 1:
+        raise RequestError(f"'n' must be 1 (this server generates one choice per request), got {n}", "n")
+    best_of = _field(body, "best_of", _is_int, "an integer", 1)
+    if best_of != 1:
+        raise RequestError(f"'best_of' must be 1, got {best_of}", "best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _field(body, name, _is_number, "a number", 0) != 0:
+            raise RequestError(f"'{name}' is not supported (use 'repetition_penalty')", name)
+    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
+        if body.get(name) not in (None, False, 0, "", [], {}):
+            raise RequestError(f"'{name}' is not supported by this server", name)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise RequestError("'response_format' supports only {\"type\": \"text\"}", "response_format")
+
+
+def parse_options(body: dict) -> dict:
+    """The sampling options of a request, as keyword arguments of LanguageModel.stream
+    (max_tokens None: the rest of the context window, as OpenAI does)."""
+    _unsupported(body)
+    _field(body, "model", lambda v: isinstance(v, str), "a string")
+    max_tokens = _field(body, "max_completion_tokens", _is_int, "an integer")
+    name = "max_completion_tokens" if max_tokens is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", _is_int, "an integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise RequestError(f"'{name}' must be at least 1, got {max_tokens}", name)
+    temperature = _field(body, "temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0", 1.0)
+    top_p = _field(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)
+    top_k = _field(body, "top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
+    min_p = _field(body, "min_p", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]", 0.0)
+    penalty = _field(body, "repetition_penalty", lambda v: _is_number(v) and v > 0, "a number > 0")
+    seed = _field(body, "seed", _is_int, "an integer")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise RequestError("'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    return dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
+                min_p=float(min_p), repetition_penalty=None if penalty is None else float(penalty), seed=seed,
+                stop=stop or [])
+
+
+def parse_stream(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = _field(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
+    opts = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    usage = opts.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise RequestError("'stream_options.include_usage' must be true or false", "stream_options.include_usage")
+    return stream, usage
+
+
+@dataclass
+class Result:
+    """What one generation produced, for the usage block and finish_reason."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop", "length", or "cancelled" (the client went away)
+    prefilled_tokens: int
+    prompt_tps: float
+    generation_tps: float
+
+
+class Reply:
+    """Builds the OpenAI response objects of one completion."""
+
+    def __init__(self, model_id: str, fingerprint: str, chat: bool):
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model_id, self.fingerprint = model_id, fingerprint
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id,
+                "system_fingerprint": self.fingerprint}
+
+    @staticmethod
+    def usage(r: Result) -> dict:
+        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+    def whole(self, text: str, r: Result) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": r.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": r.finish_reason}
+        return {**self.head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
+                "usage": self.usage(r)}
+
+    def chunk(self, delta: str | dict, finish_reason: str | None, include_usage: bool) -> dict:
+        if self.chat:
+            if isinstance(delta, str):
+                delta = {"content": delta} if delta else {}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+        out = {**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, r: Result) -> dict:
+        return {**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+                "usage": self.usage(r)}
