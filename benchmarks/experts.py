@@ -139,7 +139,7 @@ def policy_table(model: str, tokens: int, budgets: list[str], half_lives: list[f
     names = ("lru", "lfu", "hybrid", "belady-0", "belady-1", "belady")
     lines = [f"**{Path(model).name}**: routing of {len(PROMPTS)} prompts x {tokens} sampled tokens "
              f"({decode} decode (token, layer) steps), decode hit rate by policy", "",
-             "| budget | slots | LRU | LFU | hybrid | Belady, this token | Belady, 1 token ahead | Belady "
+             "| budget | slots | LRU | LFU | hybrid | Belady, this token | Belady, next token | Belady "
              "| hybrid - Belady |", "|---|---|---|---|---|---|---|---|---|"]
     for b in budgets:
         r = replay(tr, b, policies=names)

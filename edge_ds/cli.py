@@ -67,13 +67,16 @@ backend_option = click.option("--backend", type=click.Choice(["mlx", "onnx"]), d
 
 
 def expert_options(f):
-    """--expert-budget, --prefetch and --trace, collected into one `experts` dict of load() options."""
+    """--expert-budget, --prefetch, --page-cache and --trace, collected into one `experts` dict of load() options."""
     options = [
         click.option("--expert-budget", default=None,
                      help="Keep at most this much of the routed experts in memory, reading the rest on demand: "
                           "bytes, a size (2GB, 512MiB) or a share of the experts (25%). Results are unchanged."),
         click.option("--prefetch/--no-prefetch", default=False, show_default=True,
                      help="With --expert-budget: read the next layer's likely experts ahead."),
+        click.option("--page-cache/--no-page-cache", default=True, show_default=True,
+                     help="With --expert-budget: let the OS page cache keep read experts too (off: the budget "
+                          "bounds all memory experts take)."),
         click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
                      help="Record routing (layer, token, experts) to this JSONL file (see `edge-ds trace replay`)."),
     ]
@@ -83,7 +86,7 @@ def expert_options(f):
     @functools.wraps(f)
     def wrapper(*args, **kw):
         kw["experts"] = dict(expert_budget=kw.pop("expert_budget"), prefetch=kw.pop("prefetch"),
-                             trace=kw.pop("trace_file"))
+                             expert_page_cache=kw.pop("page_cache"), trace=kw.pop("trace_file"))
         return f(*args, **kw)
 
     return wrapper
@@ -325,16 +328,21 @@ def trace():
 @click.option("--prefill", is_flag=True, help="Replay prefill steps too (the runtime streams them past the cache).")
 @click.option("--half-life", type=float, default=None, help="The hybrid policy's half-life in tokens.")
 def trace_replay(trace_file, budgets, prefill, half_life):
-    """Replay a trace against LRU, LFU, the runtime's hybrid policy and Belady's optimum."""
+    """Replay a trace against LRU, LFU, the runtime's hybrid policy and Belady's optimum.
+
+    Two more columns show Belady seeing only the current token, and the current and next token:
+    how much of the optimum needs routing that no runtime can know yet."""
     from .trace import load_trace, replay
 
+    names = ("lru", "lfu", "hybrid", "belady-0", "belady-1", "belady")
     tr = load_trace(trace_file)
     click.echo(f"{tr.header.get('model', trace_file)}: {len(tr.steps)} (token, layer) steps, "
                f"{tr.header['num_experts']} experts x {len(tr.header['layers'])} layers, top-{tr.header['top_k']}")
-    click.echo("| budget | slots | LRU | LFU | hybrid | Belady |\n|---|---|---|---|---|---|")
+    click.echo("| budget | slots | LRU | LFU | hybrid | Belady, this token | Belady, next token | Belady |\n"
+               "|---|---|---|---|---|---|---|---|")
     for b in budgets:
-        r = replay(tr, b, prefill=prefill, half_life=half_life)
-        rates = " | ".join(f"{r[p]['hit_rate']:.3f}" for p in ("lru", "lfu", "hybrid", "belady"))
+        r = replay(tr, b, policies=names, prefill=prefill, half_life=half_life)
+        rates = " | ".join(f"{r[p]['hit_rate']:.3f}" for p in names)
         click.echo(f"| {b} | {r['slots']} | {rates} |")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -202,6 +203,79 @@ def test_truncated_expert_slice_names_the_file(tiny16, tmp_path):
     assert cache.resident_bytes <= cache.capacity_bytes
     with pytest.raises(EdgeDSError, match=f.name):  # and at load time, by the header check
         lazy_model(path, "25%")
+
+
+# --- platform ------------------------------------------------------------------------------
+def _cached(f: Path, offset: int, n: int) -> bool:
+    """Whether the whole pages inside bytes offset..offset+n of f are in the page cache, by
+    mincore(2) on a mapping (a read, even one that may not wait, would start reading them in);
+    the pages a slice shares with its neighbours are not its own."""
+    import ctypes
+    import mmap
+    import os
+
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    n = (offset + n) // mmap.PAGESIZE * mmap.PAGESIZE - start
+    assert n > 0, "the slice must span a whole page"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        vec = ctypes.create_string_buffer(n // mmap.PAGESIZE)
+        try:
+            assert libc.mincore(addr, n, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, n)
+        return all(b & 1 for b in vec.raw)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="Linux drops read slices with posix_fadvise; macOS's F_NOCACHE cannot be observed here")
+def test_no_page_cache_leaves_expert_slices_uncached(zoo, tmp_path):
+    import os
+
+    from edge_ds.experts import drop_page_cache
+
+    src = zoo.converted("v3", "4bit", moe_intermediate_size=256, **E16)  # 8 KiB slices: whole pages
+    ref, _ = greedy_run(load_model(src), [4, 5, 6], 8)
+    runs = {}
+    for page_cache in (False, True):
+        path = _copy(src, tmp_path / str(page_cache))
+        for f in path.glob("*.safetensors"):  # written back, so DONTNEED can drop the pages
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        lazy, cache = lazy_model(path, "25%", page_cache=page_cache)
+        assert drop_page_cache(cache.store.files())
+        got, _ = greedy_run(lazy, [4, 5, 6], 8)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
+        read = [key for key in cache.slot_of]
+        runs[page_cache] = [_cached(*_slice(path, l, e, "gate_proj.weight")) for l, e in read]
+    assert runs[True] and all(runs[True])  # the control: read slices stay in the page cache
+    assert runs[False] and not any(runs[False])
+
+
+def test_weights_are_wired_on_metal(with_tokenizer, monkeypatch):
+    from edge_ds.wired import HEADROOM, parameter_bytes
+
+    limits = []
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1 << 40})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: limits.append(n) or 0)
+    lm = edge_ds.load(with_tokenizer, expert_budget="25%")
+    trunk = parameter_bytes(lm.model)
+    assert limits == [int((trunk + lm.experts.slots * lm.experts.store.expert_bytes) * HEADROOM)]
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1000})
+    edge_ds.load(with_tokenizer)
+    assert limits[-1] == 1000  # never above what the system allows
 
 
 # --- API and CLI ---------------------------------------------------------------------------

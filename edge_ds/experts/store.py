@@ -55,7 +55,8 @@ class ExpertStore:
     """Locates and reads routed-expert slices of a model dir with a pool of positional reads.
 
     Opens its own file descriptors so it can tell the OS how they are read: random access
-    (no read-ahead of neighbouring experts) and, where asked for, no page cache (macOS F_NOCACHE).
+    (no read-ahead of neighbouring experts) and, where asked for, no page cache (macOS F_NOCACHE;
+    Linux drops each slice's pages once read), so expert bytes live only in the budgeted cache.
     """
 
     def __init__(self, directory: str | Path, cfg: ModelConfig, dtype: mx.Dtype, threads: int = 4,
@@ -159,7 +160,7 @@ class ExpertStore:
         for layer, expert, dests in requests:
             for key, dest in dests.items():
                 t = self.tensors[layer][key]
-                if not _NOWAIT or self._read(t, layer, expert, dest, _NOWAIT) is None:
+                if not (_NOWAIT and self.page_cache) or self._read(t, layer, expert, dest, _NOWAIT) is None:
                     cold.append((t, layer, expert, dest))
         wait([self._pool.submit(self._read, *c) for c in cold])
 
@@ -178,6 +179,8 @@ class ExpertStore:
             got = t.nbytes
         else:
             got = pread_into(self._fd(path), memoryview(buf), offset)
+        if not self.page_cache:
+            forget_pages(self._fd(path), offset, t.nbytes)
         if got != t.nbytes:
             raise EdgeDSError(f"{path}: truncated: expert {expert} of {name!r} needs bytes {offset}..{offset + t.nbytes} "
                               f"but only {got} could be read (file changed or truncated since it was opened)")
@@ -253,6 +256,15 @@ def bypass_page_cache(fd: int) -> None:
 
             fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
         except (ImportError, OSError):
+            pass
+
+
+def forget_pages(fd: int, offset: int, nbytes: int) -> None:
+    """Linux: drop a slice just read from the page cache (macOS does not cache it: F_NOCACHE)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        except OSError:
             pass
 
 

@@ -1,0 +1,33 @@
+"""Wired memory on Apple Silicon: keep the model's buffers resident while it runs.
+
+macOS may page out or compress GPU buffers it has not touched for a while; a wired limit asks
+it to keep up to that many bytes of MLX buffers resident. With lazy experts this is what the
+budget is for: the trunk and the expert slots stay put, and only misses read from disk.
+Elsewhere (Linux CPU, CUDA) there is nothing to wire and these calls do nothing.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+HEADROOM = 1.25  # room for the latent cache and activations on top of the weights
+
+
+def wire(weight_bytes: int) -> int | None:
+    """Sets MLX's wired limit to weight_bytes plus headroom, capped at the system's limit
+    (device_info's max_recommended_working_set_size); returns the limit set, or None without Metal."""
+    if not mx.metal.is_available():
+        return None
+    cap = int(mx.device_info().get("max_recommended_working_set_size", 0))
+    if cap <= 0:
+        return None
+    limit = min(int(weight_bytes * HEADROOM), cap)
+    mx.set_wired_limit(limit)
+    return limit
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of the model's resident parameters (lazy experts' slots are not parameters)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
