@@ -132,8 +132,10 @@ class ModelWorker:
         lm = self.lm
         opts = dict(job.options)
         ids: list[int] = []
+        encoded = False
         try:
             ids = lm.encode_prompt(job.prompt, job.chat_template)
+            encoded = True
             if opts["max_tokens"] is None:
                 # The rest of the context window; at least 1, so that a full window is reported
                 # by the runtime like any other over-long prompt.
@@ -162,8 +164,12 @@ class ModelWorker:
         except EdgeDSError as e:
             limit = lm.config.max_position_embeddings
             over = bool(ids) and opts.get("max_tokens") is not None and len(ids) + opts["max_tokens"] > limit
-            job.events.put(("error", RequestError(str(e), "messages" if job.chat_template else "prompt",
-                                                  code="context_length_exceeded" if over else None)))
+            if over or not encoded:  # the request's fault: its prompt
+                job.events.put(("error", RequestError(str(e), "messages" if job.chat_template else "prompt",
+                                                      code="context_length_exceeded" if over else None)))
+            else:  # the model's files or the runtime (a corrupt expert slice, ...): ours
+                self._cache = None
+                job.events.put(("error", RequestError(str(e), status=500, kind="server_error")))
         except Exception as e:  # a bug: tell the client in one line, keep the traceback here
             traceback.print_exc(file=sys.stderr)
             self._cache = None  # it may hold a half-run step

@@ -188,6 +188,35 @@ def test_over_long_prompt_is_400_with_the_runtime_message(server, lm):
     assert status == 400 and out["error"]["code"] == "context_length_exceeded"
 
 
+def test_corrupt_model_file_mid_generation_is_500(tmp_path):
+    """A broken expert slice is the server's fault, not the request's: 500, naming the file."""
+    import shutil
+
+    import mlx.core as mx
+
+    from edge_ds.experts.store import ExpertStore
+    from edge_ds.loading import load_model
+    from edge_ds.resources import default_model_path
+
+    path = tmp_path / "model"
+    shutil.copytree(default_model_path(), path)
+    store = ExpertStore(path, load_model(path, routed_experts=False).config, mx.float32)
+    for t in [store.tensors[l]["up_proj.scales"] for l in store.layers]:
+        for e in range(store.num_experts):
+            with open(t.paths[e], "r+b") as fh:
+                fh.seek(t.offsets[e])
+                fh.write(b"\xff" * t.nbytes)  # NaN scales
+    store.close()
+    srv = make_server(edge_ds.load(path, expert_budget="25%"), "127.0.0.1", 0, quiet=True)
+    srv.start()
+    try:
+        status, body = request(srv, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+    finally:
+        srv.close()
+    assert status == 500 and body["error"]["type"] == "server_error"
+    assert "corrupt" in body["error"]["message"] and ".safetensors" in body["error"]["message"]
+
+
 def test_unknown_path_and_method(server):
     status, out = request(server, "/v1/nothing", {"a": 1})
     assert status == 404 and out["error"]["code"] == "not_found"
