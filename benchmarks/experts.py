@@ -208,6 +208,10 @@ def main() -> None:
             print(policy_table(model, args.trace_tokens, ["10%", "25%", "50%"], [4, 16, 64, 256, 1e9]) + "\n")
         return
     models = args.model or [str(ROOT / "Package.resources" / "edge-ds-tiny"), str(ROOT / "bench_out" / "edge-q4")]
+    for model in models:
+        if not (Path(model) / "config.json").is_file():
+            raise SystemExit(f"{model}: no model there (the benchmark model is built by "
+                             f"`python benchmarks/bench_model.py bench_out`)")
     budgets = [f"{b}%" for b in args.budgets.split(",") if b]
     prefetch_at = {f"{b}%" for b in args.prefetch_at.split(",") if b}
     everything = {}

@@ -166,16 +166,7 @@ class ExpertCache:
         for e, slot, miss in wave:
             key = (layer, e)
             if miss:
-                old = self.key_in[slot]
-                if old is not None:
-                    del self.slot_of[old]
-                    self.policy.evicted(old)
-                    self.stats.evictions += 1
-                elif slot in self.free:
-                    self.free.remove(slot)
-                self.low.discard(slot)
-                self.prefetched.discard(slot)
-                self.key_in[slot], self.slot_of[key] = key, slot
+                self._assign(slot, key)
                 misses.append((layer, e, slot))
             if streaming:
                 if miss:
@@ -216,6 +207,19 @@ class ExpertCache:
         if not streaming:
             self.stats.decode_bytes_read += n
 
+    def _assign(self, slot: int, key: Key) -> None:
+        """Gives `slot` to `key`, evicting whatever it held (its bytes are read by the caller)."""
+        old = self.key_in[slot]
+        if old is not None:
+            del self.slot_of[old]
+            self.policy.evicted(old)
+            self.stats.evictions += 1
+        elif slot in self.free:
+            self.free.remove(slot)
+        self.low.discard(slot)
+        self.prefetched.discard(slot)
+        self.key_in[slot], self.slot_of[key] = key, slot
+
     def _forget(self, slot: int) -> None:
         key = self.key_in[slot]
         if key is not None:
@@ -236,14 +240,7 @@ class ExpertCache:
             return
         order = self._victim_order(self._pinned() | set(self.loading), streaming=False)
         for e, slot in zip(todo, order):
-            old = self.key_in[slot]
-            if old is not None:
-                del self.slot_of[old]
-                self.policy.evicted(old)
-                self.stats.evictions += 1
-            elif slot in self.free:
-                self.free.remove(slot)
-            self.key_in[slot], self.slot_of[(layer, e)] = (layer, e), slot
+            self._assign(slot, (layer, e))
             self.low.add(slot)
             self.prefetched.add(slot)
             self.loading[slot] = self.store.submit(layer, e, self._dests(slot))
