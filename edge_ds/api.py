@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,6 +24,27 @@ from .tokenizer import Tokenizer
 from .wired import parameter_bytes, wire
 
 Prompt = str | list[dict] | list[int]
+
+
+class _ThreadStreams:
+    """Held in a thread-local; destroyed on its own thread as that thread ends, where it frees
+    the thread's MLX streams. MLX aborts the whole process at exit ("terminate called without
+    an active exception") if a thread that ran MLX work ended without mx.clear_streams()."""
+
+    def __del__(self) -> None:
+        try:
+            mx.clear_streams()
+        except Exception:
+            pass
+
+
+_thread_state = threading.local()
+
+
+def _on_mlx_thread() -> None:
+    """Called before model work: a worker thread (a desktop app's, a server's) cleans up after itself."""
+    if threading.current_thread() is not threading.main_thread() and not hasattr(_thread_state, "streams"):
+        _thread_state.streams = _ThreadStreams()
 
 
 @dataclass
@@ -132,6 +154,7 @@ class LanguageModel:
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full forward with no cache: token ids [batch, seq] -> float32 logits [batch, seq, vocab]."""
+        _on_mlx_thread()
         tokens = np.asarray(token_ids)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -184,6 +207,7 @@ class LanguageModel:
         return ChatSession(self, system)
 
     def _chunks(self, ids, cache, sampler, max_tokens, penalty, stops, stats, tokens_out) -> Iterator[str]:
+        _on_mlx_thread()
         detok = self.tokenizer.detokenizer()
         eos = set(self.tokenizer.eos_ids)
         pending = ""  # text held back because it might begin a stop string

@@ -49,9 +49,9 @@ class Job:
 
 
 class _ModelThread:
-    """The process's one thread for model work. It never ends: MLX aborts the process at exit
-    ("terminate called without an active exception") when a thread that ran it has ended, so
-    every server in the process shares this thread, which waits for work instead of exiting."""
+    """The process's one thread for model work, shared by every server in the process and never
+    ended: MLX is best driven from one thread, and its per-thread streams then live as long as
+    the process (api.py frees a thread's streams when it ends; this one does not end)."""
 
     def __init__(self):
         self._calls: queue.Queue[Callable[[], None]] = queue.Queue()

@@ -172,3 +172,26 @@ def test_split_decode_matvec_matches_unsplit(lm, monkeypatch):
     step = np.array(lm.model(mx.array([prompt[-1:]]), cache=cache))[0, -1]  # one row: split path
     full = lm.logits([prompt])[0, -1]  # several rows: one kernel call
     assert np.abs(step - full).max() / np.abs(full).max() < 1e-5
+
+
+def test_generation_on_a_worker_thread_exits_cleanly():
+    """A desktop app generates on its own thread, which then ends: the process must still exit 0
+    (MLX aborts at exit unless each thread that ran it frees its streams; the API does that)."""
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading
+        import edge_ds
+        lm = edge_ds.load()
+        out = []
+        def work():
+            out.append(lm.generate("In the beginning", max_tokens=8).text)
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        print(len(out))
+    """)
+    for _ in range(3):  # without the clean-up, 8 of 10 such runs aborted here
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "terminate" not in r.stderr, r.stderr[-2000:]
+        assert r.stdout.split() == ["1"]
