@@ -24,7 +24,7 @@ class GenerationStats:
     prompt_tps: float = 0.0  # prefilled tokens / time to the first generated token
     generation_tokens: int = 0
     generation_tps: float = 0.0  # generated tokens / time from the first to the last
-    peak_memory_gb: float = 0.0  # MLX's peak allocation
+    peak_memory_gb: float = 0.0  # MLX's peak allocation (onnx backend: the process's peak RSS)
     finish_reason: str = "length"  # "stop" (EOS or stop string), "length", "interrupted"
 
     def to_dict(self) -> dict:
@@ -54,6 +54,7 @@ def generate_tokens(
         raise EdgeDSError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                           f"max_position_embeddings ({limit})")
     mx.reset_peak_memory()
+    peak_memory = getattr(model, "peak_memory_bytes", mx.get_peak_memory)
     start = time.perf_counter()
     reused = cache.reuse_prefix(prompt)
     todo = prompt[reused:]
@@ -90,7 +91,7 @@ def generate_tokens(
             mx.async_eval(token)
         stats.generation_tokens = n
         stats.generation_tps = n / max(time.perf_counter() - first, 1e-9)
-        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        stats.peak_memory_gb = peak_memory() / 1e9
         yield t
 
 

@@ -98,6 +98,15 @@ class OnnxModel:
         self._outputs = ["logits"] + [f"present_latent.{i}" for i in range(self.num_layers)]
         self.device = f"onnxruntime {ort.__version__} CPU, {options.intra_op_num_threads or 'all'} threads"
 
+    @staticmethod
+    def peak_memory_bytes() -> int:
+        """onnxruntime allocates outside MLX: the process's peak resident set instead."""
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
+
     def make_cache(self, batch: int = 1) -> OrtCache:
         return OrtCache(self.num_layers, self.latent_dim, batch)
 
