@@ -135,3 +135,16 @@ def quantize_activations_fp8(
         scale = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
     _apply_blocks(t, scale, 1, block, np.divide)
     return t.astype(FP8).reshape(x.shape), scale.reshape(*lead, n_tiles)
+
+
+def read_float32(ckpt, name: str) -> np.ndarray:
+    """Tensor `name` of a Checkpoint as float32; an FP8 tensor is block-dequantized with its
+    `<name>_scale_inv`, which must be there."""
+    info = ckpt.info(name)
+    w = ckpt.read(name)
+    if info.dtype == "F8_E4M3":
+        scale = name + "_scale_inv"
+        if scale not in ckpt:
+            raise EdgeDSError(f"{info.path}: FP8 tensor '{name}' has no '{scale}'")
+        w = dequantize_fp8_blocks(w, ckpt.read(scale).astype(np.float32), name=name)
+    return np.asarray(w).astype(np.float32, copy=False)

@@ -25,7 +25,7 @@ from edge_ds.checkpoint import Checkpoint
 from edge_ds.config import ModelConfig
 from edge_ds.errors import EdgeDSError
 
-from .fp8 import dequantize_fp8_blocks
+from .fp8 import read_float32
 from .staging import staged_output
 
 QUANT_PRESETS = {  # name -> (mode, bits, default group size)
@@ -158,13 +158,7 @@ class _LayerWriter:
 
     def read_float(self, name: str) -> np.ndarray:
         info = self.ckpt.info(name)
-        w = self.ckpt.read(name)
-        if info.dtype == "F8_E4M3":
-            scale_name = name + "_scale_inv"
-            if scale_name not in self.ckpt:
-                raise EdgeDSError(f"{info.path}: FP8 tensor '{name}' has no '{scale_name}'")
-            w = dequantize_fp8_blocks(w, self.ckpt.read(scale_name).astype(np.float32), name=name)
-        w = w.astype(np.float32, copy=False)
+        w = read_float32(self.ckpt, name)
         if not np.isfinite(w).all():
             bad = int((~np.isfinite(w)).sum())
             raise EdgeDSError(f"{info.path}: tensor '{name}' has {bad} NaN/Inf values")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -66,6 +67,27 @@ backend_option = click.option("--backend", type=click.Choice(["mlx", "onnx"]), d
                                    "directory holds an `edge-ds export-onnx` export, else mlx).")
 
 
+@contextlib.contextmanager
+def progress_bar(label: str):
+    """Yields a progress(done, total, item) callback drawing a bar on stderr; the bar is made on
+    the first report, when the total is known."""
+    bar = None
+
+    def progress(done: int, total: int, item: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True,
+                                    item_show_func=lambda x: x)
+            bar.__enter__()
+        bar.update(done - bar.pos, item)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
 def expert_options(f):
     """--expert-budget, --prefetch, --page-cache and --trace, collected into one `experts` dict of load() options."""
     options = [
@@ -104,21 +126,8 @@ def convert(src, dst, quant, group_size, dtype):
     """Convert a Hugging Face checkpoint (BF16 or FP8) in SRC to an MLX model in DST."""
     from converters.mlx import convert as run
 
-    bar = None
-
-    def progress(done: int, total: int, label: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = click.progressbar(length=total, label="converting", file=sys.stderr,
-                                    show_pos=True, item_show_func=lambda x: x)
-            bar.__enter__()
-        bar.update(done - bar.pos, label)
-
-    try:
+    with progress_bar("converting") as progress:
         out = run(src, dst, quant=quant, group_size=group_size, dtype=dtype, progress=progress)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
     click.echo(f"wrote {out}", err=True)
 
 
@@ -135,22 +144,9 @@ def export_onnx(src, dst, bits, block_size, accuracy_level):
     """Export a Hugging Face checkpoint (BF16 or FP8) in SRC to an onnxruntime model in DST."""
     from converters.onnx import export_onnx as run
 
-    bar = None
-
-    def progress(done: int, total: int, label: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = click.progressbar(length=total, label="exporting", file=sys.stderr,
-                                    show_pos=True, item_show_func=lambda x: x)
-            bar.__enter__()
-        bar.update(done - bar.pos, label)
-
-    try:
+    with progress_bar("exporting") as progress:
         out = run(src, dst, bits=int(bits), block_size=int(block_size), accuracy_level=int(accuracy_level),
                   progress=progress)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
     click.echo(f"wrote {out}", err=True)
 
 

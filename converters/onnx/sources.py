@@ -14,7 +14,7 @@ from edge_ds.checkpoint import Checkpoint
 from edge_ds.config import ModelConfig
 from edge_ds.errors import EdgeDSError
 
-from ..fp8 import dequantize_fp8_blocks
+from ..fp8 import read_float32
 
 Progress = Callable[[int, int, str], None]
 
@@ -55,14 +55,7 @@ class HFReader(TensorReader):
     def fetch(self, name: str) -> tuple[np.ndarray, str]:
         if name not in self.ckpt:
             raise self.missing(name)
-        info = self.ckpt.info(name)
-        w = self.ckpt.read(name)
-        if info.dtype == "F8_E4M3":
-            scale = name + "_scale_inv"
-            if scale not in self.ckpt:
-                raise EdgeDSError(f"{info.path}: FP8 tensor '{name}' has no '{scale}'")
-            w = dequantize_fp8_blocks(w, self.ckpt.read(scale).astype(np.float32), name=name)
-        return np.asarray(w).astype(np.float32, copy=False), str(info.path)
+        return read_float32(self.ckpt, name), str(self.ckpt.info(name).path)
 
 
 class MLXReader(TensorReader):
