@@ -21,7 +21,7 @@ from .loading import load_model
 from .resources import default_model_path
 from .sampling import make_sampler, seed as set_seed
 from .tokenizer import Tokenizer
-from .wired import parameter_bytes, wire
+from .wired import wire
 
 Prompt = str | list[dict] | list[int]
 
@@ -90,8 +90,9 @@ def load(path: str | Path | None = None, backend: str | None = None, expert_budg
     are bit-identical to the fully resident model. expert_page_cache=False keeps expert reads out
     of the OS page cache too (F_NOCACHE on macOS, dropped pages on Linux), so the budget bounds
     all memory the experts take; by default the page cache keeps recently read experts warm.
-    On Apple Silicon the weights in memory (trunk and expert slots) are wired. `trace` records routing to a JSONL file
-    (implies lazy experts, with the whole model as budget when none is given).
+    On Apple Silicon the weights in memory (trunk and expert slots) are wired. `trace` records
+    routing to a JSONL file (implies lazy experts, with the whole model as budget when none is
+    given).
     backend: "mlx", "onnx" (a directory written by `edge-ds export-onnx`) or None for
     default_backend(directory).
     """
@@ -110,14 +111,14 @@ def load(path: str | Path | None = None, backend: str | None = None, expert_budg
         return LanguageModel(OnnxModel(directory), Tokenizer.load(directory), directory)
     if expert_budget is None and trace is None:
         model = load_model(directory)
-        wire(parameter_bytes(model))
+        wire(model)
         return LanguageModel(model, Tokenizer.load(directory), directory)
     from .experts import attach_experts
 
     model = load_model(directory, routed_experts=False)
     experts = attach_experts(model, directory, "100%" if expert_budget is None else expert_budget,
                              policy=expert_policy, prefetch=prefetch, page_cache=expert_page_cache)
-    wire(parameter_bytes(model) + experts.slots * experts.store.expert_bytes)
+    wire(model, experts.slots * experts.store.expert_bytes)
     if trace is not None:
         from .trace import TraceRecorder
 

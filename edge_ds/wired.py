@@ -13,15 +13,16 @@ import mlx.core as mx
 HEADROOM = 1.25  # room for the latent cache and activations on top of the weights
 
 
-def wire(weight_bytes: int) -> int | None:
-    """Sets MLX's wired limit to weight_bytes plus headroom, capped at the system's limit
-    (device_info's max_recommended_working_set_size); returns the limit set, or None without Metal."""
+def wire(model, extra_bytes: int = 0) -> int | None:
+    """Sets MLX's wired limit to the model's parameters plus extra_bytes (lazy experts' slots) plus
+    headroom, capped at the system's limit (device_info's max_recommended_working_set_size);
+    returns the limit set, or None without Metal."""
     if not mx.metal.is_available():
         return None
     cap = int(mx.device_info().get("max_recommended_working_set_size", 0))
     if cap <= 0:
         return None
-    limit = min(int(weight_bytes * HEADROOM), cap)
+    limit = min(int((parameter_bytes(model) + extra_bytes) * HEADROOM), cap)
     mx.set_wired_limit(limit)
     return limit
 
