@@ -59,7 +59,8 @@ def _min_p(logprobs: mx.array, min_p: float, min_keep: int) -> mx.array:
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  min_tokens_to_keep: int = 1) -> Sampler:
-    """Return f(logprobs [B, V]) -> token ids [B]; temperature 0 means greedy."""
+    """Return f(logits [B, V]) -> token ids [B]; temperature 0 means greedy. Every filter is
+    shift-invariant, so logits need not be normalised to log-probabilities."""
     _check_options(temperature, top_p, top_k, min_p, min_tokens_to_keep)
     if temperature == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)

@@ -175,3 +175,17 @@ def test_top_p_message():
 def test_invalid_repetition_penalty(penalty):
     with pytest.raises(EdgeDSError, match="--repetition-penalty"):
         apply_repetition_penalty(mx.zeros((1, 4)), [1], penalty)
+
+
+def test_filters_are_shift_invariant():
+    """generate.py hands samplers raw logits (no logsumexp): every filter must keep the same
+    tokens for logits and for log-probabilities."""
+    from edge_ds.sampling import _min_p, _top_k, _top_p
+
+    logits = mx.array(np.random.default_rng(0).normal(0, 3, (4, 500)).astype(np.float32)) + 11.0
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    for keep in (lambda x: _top_k(x, 20), lambda x: _top_p(x, 0.9, 1), lambda x: _min_p(x, 0.05, 1),
+                 lambda x: x):
+        a, b = keep(logits), keep(logprobs)
+        np.testing.assert_array_equal(np.isfinite(np.array(a)), np.isfinite(np.array(b)))
+        np.testing.assert_array_equal(np.array(mx.argmax(a, axis=-1)), np.array(mx.argmax(b, axis=-1)))
