@@ -26,7 +26,7 @@ from edge_ds.config import ModelConfig
 from edge_ds.errors import EdgeDSError
 
 from .fp8 import read_float32
-from .staging import staged_output
+from .staging import check_paths, staged_output
 
 QUANT_PRESETS = {  # name -> (mode, bits, default group size)
     "4bit": ("affine", 4, 64),
@@ -71,10 +71,7 @@ def convert(src: str | Path, dst: str | Path, quant: str = "4bit", group_size: i
     q = Quant.parse(quant, group_size)
     if dtype not in DTYPES:
         raise EdgeDSError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not src.is_dir():
-        raise EdgeDSError(f"{src}: not a directory")
-    if dst.exists():
-        raise EdgeDSError(f"{dst}: already exists; choose a new output directory")
+    check_paths(src, dst)
     cfg = ModelConfig.load(src)
     ckpt = Checkpoint(src)
     units = _plan(cfg, ckpt)

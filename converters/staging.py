@@ -13,6 +13,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "merges.txt", "added_tokens.json", "LICENSE", "LICENSE.txt", "README.md")
 
 
+def check_paths(src: Path, dst: Path) -> None:
+    """SRC must be a directory and DST must not exist yet (a converter never overwrites)."""
+    from edge_ds.errors import EdgeDSError
+
+    if not src.is_dir():
+        raise EdgeDSError(f"{src}: not a directory")
+    if dst.exists():
+        raise EdgeDSError(f"{dst}: already exists; choose a new output directory")
+
+
 @contextmanager
 def staged_output(src: Path, dst: Path) -> Iterator[Path]:
     """Yields a hidden temporary directory beside DST. When the block succeeds, SRC's tokenizer

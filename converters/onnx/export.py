@@ -19,7 +19,7 @@ from edge_ds.checkpoint import Checkpoint
 from edge_ds.config import ModelConfig
 from edge_ds.errors import EdgeDSError
 
-from ..staging import staged_output
+from ..staging import check_paths, staged_output
 from .graph import build_model, io_names
 from .quant import BlockQuant
 from .sources import open_reader
@@ -42,10 +42,7 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
         raise EdgeDSError(f"--block-size must be 32, 64 or 128, got {block_size}")
     if accuracy_level not in (0, 4):
         raise EdgeDSError(f"--accuracy-level must be 0 or 4, got {accuracy_level}")
-    if not src.is_dir():
-        raise EdgeDSError(f"{src}: not a directory")
-    if dst.exists():
-        raise EdgeDSError(f"{dst}: already exists; choose a new output directory")
+    check_paths(src, dst)
     cfg = ModelConfig.load(src)
     if cfg.n_routed_experts is not None:
         for name, width in (("hidden_size", cfg.hidden_size), ("moe_intermediate_size", cfg.moe_intermediate_size)):
