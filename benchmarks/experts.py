@@ -58,7 +58,7 @@ def child(cfg: dict) -> dict:
 
     def once() -> GenerationStats:
         stats = GenerationStats()
-        for _ in generate_tokens(lm.model, prompt, lm.new_cache(), sampler, cfg["g"], stats):
+        for _ in generate_tokens(lm.backend, prompt, lm.new_cache(), sampler, cfg["g"], stats):
             pass
         return stats
 
@@ -126,7 +126,8 @@ def policy_table(model: str, tokens: int, budgets: list[str], half_lives: list[f
     import tempfile
 
     import edge_ds
-    from edge_ds.trace import load_trace, replay
+    from edge_ds.experts.replay import replay
+    from edge_ds.experts.trace import load_trace
 
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "routing.jsonl"
@@ -163,7 +164,7 @@ def _nearest_hints(tr, ahead: int):
     """The trace with each step's hints cut to the nearest `ahead` later layers."""
     from dataclasses import replace
 
-    from edge_ds.trace import Trace
+    from edge_ds.experts.trace import Trace
 
     steps = [replace(s, hints={m: s.hints[m] for m in sorted(s.hints)[:ahead]}) if s.hints else s for s in tr.steps]
     return Trace(tr.header, steps)

@@ -1,8 +1,8 @@
 """Point MLX's CPU matmuls at an optimised BLAS when the machine has one (Linux only).
 
-The mlx-cpu wheel for Linux links a reference BLAS (~2 GFLOP/s here). MLX resolves
-cblas_sgemm at load time, so loading OpenBLAS into the global symbol scope before mlx is
-imported redirects it (~50x faster float32 matmuls: prefill, and float models). This only
+The mlx-cpu wheel for Linux links a reference BLAS. MLX resolves cblas_sgemm at load time, so
+loading OpenBLAS into the global symbol scope before mlx is imported redirects it (far faster
+float32 matmuls: prefill, and float models; README: Set-up). This only
 changes which BLAS computes the same products. EDGE_DS_BLAS=off disables it;
 EDGE_DS_BLAS=/path/libblas.so picks a library.
 """

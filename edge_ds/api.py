@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from .backend import Backend, ExpertOptions
+from .backends import open_backend
 from .cache import PromptCache
 from .config import ModelConfig
 from .errors import EdgeDSError
 from .generate import GenerationStats, generate_tokens, stop_string_hold
-from .loading import load_model
+from .options import SamplingOptions
 from .resources import default_model_path
-from .sampling import make_sampler, seed as set_seed
+from .sampling import Sampler, make_sampler, seed as set_seed
 from .tokenizer import Tokenizer
-from .wired import wire
 
 Prompt = str | list[dict] | list[int]
 
@@ -69,17 +69,6 @@ class TextStream:
             yield chunk
 
 
-BACKENDS = ("mlx", "onnx")
-
-
-def default_backend(directory: Path) -> str:
-    """MLX on Apple Silicon (Metal, unified memory); elsewhere onnxruntime when the directory
-    holds an ONNX export (its 4-bit CPU kernels are far faster than MLX's CPU backend), else MLX."""
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        return "mlx"
-    return "onnx" if (directory / "onnx.json").is_file() else "mlx"
-
-
 def load(path: str | Path | None = None, backend: str | None = None, expert_budget: int | str | None = None, *,
          expert_policy: str = "hybrid", prefetch: bool = False, expert_page_cache: bool = True,
          trace: str | Path | None = None) -> "LanguageModel":
@@ -93,48 +82,32 @@ def load(path: str | Path | None = None, backend: str | None = None, expert_budg
     On Apple Silicon the weights in memory (trunk and expert slots) are wired. `trace` records
     routing to a JSONL file (implies lazy experts, with the whole model as budget when none is
     given).
-    backend: "mlx", "onnx" (a directory written by `edge-ds export-onnx`) or None for
-    default_backend(directory).
+    backend: a name from backends.names() ("mlx", "onnx": a directory written by
+    `edge-ds export-onnx`), or None for backends.default_backend(directory).
     """
-    if backend is not None and backend not in BACKENDS:
-        raise EdgeDSError(f"backend {backend!r} is not available in this build (available: {', '.join(BACKENDS)})")
     directory = Path(path) if path is not None else default_model_path()
     if not directory.is_dir():
         raise EdgeDSError(f"{directory}: no such model directory")
-    if backend is None:
-        backend = "mlx" if expert_budget is not None or trace is not None else default_backend(directory)
-    if backend == "onnx":
-        if expert_budget is not None or trace is not None:
-            raise EdgeDSError("--expert-budget and --trace need the mlx backend (onnx keeps every expert resident)")
-        from .backends.onnx import OnnxModel
-
-        return LanguageModel(OnnxModel(directory), Tokenizer.load(directory), directory)
-    if expert_budget is None and trace is None:
-        model = load_model(directory)
-        wire(model)
-        return LanguageModel(model, Tokenizer.load(directory), directory)
-    from .experts import attach_experts
-
-    model = load_model(directory, routed_experts=False)
-    experts = attach_experts(model, directory, "100%" if expert_budget is None else expert_budget,
-                             policy=expert_policy, prefetch=prefetch, page_cache=expert_page_cache)
-    wire(model, experts.slots * experts.store.expert_bytes)
-    if trace is not None:
-        from .trace import TraceRecorder
-
-        experts.recorder = TraceRecorder.for_cache(trace, experts, directory)
-    return LanguageModel(model, Tokenizer.load(directory), directory, experts)
+    experts = None
+    if expert_budget is not None or trace is not None:
+        experts = ExpertOptions("100%" if expert_budget is None else expert_budget, expert_policy, prefetch,
+                                expert_page_cache, trace)
+    return LanguageModel(open_backend(backend, directory, experts), Tokenizer.load(directory), directory)
 
 
 class LanguageModel:
-    """A loaded model and its tokenizer (and, with an expert budget, its expert cache)."""
+    """A loaded model (on one backend) and its tokenizer."""
 
-    def __init__(self, model, tokenizer: Tokenizer, path: Path, experts=None):
-        self.model = model
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, path: Path):
+        self.backend = backend
         self.tokenizer = tokenizer
         self.path = path
-        self.config: ModelConfig = model.config
-        self.experts = experts  # experts.ExpertCache, or None when every expert is resident
+        self.config: ModelConfig = backend.config
+
+    @property
+    def experts(self):
+        """The lazy expert cache (experts.ExpertCache), or None when every expert is resident."""
+        return self.backend.experts
 
     def expert_stats(self) -> dict:
         """Hits, misses, hit rate per layer, bytes read per decoded token, read GB/s, resident
@@ -150,8 +123,7 @@ class LanguageModel:
         return hashlib.sha256(f"{self.path.resolve()}|{cfg}".encode()).hexdigest()[:16]
 
     def new_cache(self) -> PromptCache:
-        make = getattr(self.model, "make_cache", None)  # a backend with its own cache type
-        return make() if make is not None else PromptCache(self.config.num_hidden_layers)
+        return self.backend.make_cache()
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full forward with no cache: token ids [batch, seq] -> float32 logits [batch, seq, vocab]."""
@@ -163,7 +135,7 @@ class LanguageModel:
             raise EdgeDSError(f"token_ids must be integers shaped [batch, seq], got shape {tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise EdgeDSError(f"token_ids must be in [0, {self.config.vocab_size})")
-        out = self.model(mx.array(tokens.astype(np.int32)))
+        out = self.backend(mx.array(tokens.astype(np.int32)))
         return np.array(out.astype(mx.float32))
 
     def encode_prompt(self, prompt: Prompt, chat_template: bool | None = None) -> list[int]:
@@ -180,21 +152,24 @@ class LanguageModel:
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
-    def stream(self, prompt: Prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+    def stream(self, prompt: Prompt, *, max_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
                seed: int | None = None, stop: Sequence[str] = (), chat_template: bool | None = None,
                cache: PromptCache | None = None) -> TextStream:
-        """Generates text chunk by chunk. Pass a PromptCache to reuse it across calls."""
-        if max_tokens < 1:
-            raise EdgeDSError(f"--max-tokens must be at least 1, got {max_tokens}")
-        sampler = make_sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-        set_seed(seed)
+        """Generates text chunk by chunk (max_tokens None: up to the end of the context window).
+        Pass a PromptCache to reuse it across calls."""
+        opts = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                               min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        sampler = make_sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p)
+        set_seed(opts.seed)
         ids = self.encode_prompt(prompt, chat_template)
+        if opts.max_tokens is None:
+            # At least 1, so that a full window is reported like any other over-long prompt.
+            opts = replace(opts, max_tokens=max(1, self.config.max_position_embeddings - len(ids)))
         cache = cache if cache is not None else self.new_cache()
         stats = GenerationStats()
         stream = TextStream(iter(()), stats)
-        stream._chunks = self._chunks(ids, cache, sampler, max_tokens, repetition_penalty, list(stop), stats,
-                                      stream.tokens)
+        stream._chunks = self._chunks(ids, cache, sampler, opts, stats, stream.tokens)
         return stream
 
     def generate(self, prompt: Prompt, **options) -> Generation:
@@ -207,14 +182,17 @@ class LanguageModel:
     def chat(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, system)
 
-    def _chunks(self, ids, cache, sampler, max_tokens, penalty, stops, stats, tokens_out) -> Iterator[str]:
+    def _chunks(self, ids: list[int], cache: PromptCache, sampler: Sampler, opts: SamplingOptions,
+                stats: GenerationStats, tokens_out: list[int]) -> Iterator[str]:
         _on_mlx_thread()
         detok = self.tokenizer.detokenizer()
         eos = set(self.tokenizer.eos_ids)
+        stops = list(opts.stop)
         pending = ""  # text held back because it might begin a stop string
         stats.finish_reason = "length"
         try:
-            for t in generate_tokens(self.model, ids, cache, sampler, max_tokens, stats, penalty):
+            for t in generate_tokens(self.backend, ids, cache, sampler, opts.max_tokens, stats,
+                                     opts.repetition_penalty, opts.repetition_context_size):
                 if t in eos:
                     stats.finish_reason = "stop"
                     break

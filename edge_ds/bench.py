@@ -20,7 +20,7 @@ def run_bench(lm: LanguageModel, prompt_tokens: int = 128, generation_tokens: in
 
     def once() -> GenerationStats:
         stats = GenerationStats()
-        for _ in generate_tokens(lm.model, prompt, lm.new_cache(), sampler, generation_tokens, stats):
+        for _ in generate_tokens(lm.backend, prompt, lm.new_cache(), sampler, generation_tokens, stats):
             pass
         return stats
 
@@ -38,8 +38,8 @@ def run_bench(lm: LanguageModel, prompt_tokens: int = 128, generation_tokens: in
         "peak_memory_gb": max(r.peak_memory_gb for r in runs),
         "prompt_tps_runs": [round(r.prompt_tps, 3) for r in runs],
         "generation_tps_runs": [round(r.generation_tps, 3) for r in runs],
-        "backend": getattr(lm.model, "backend", "mlx"),
-        "device": getattr(lm.model, "device", None) or str(mx.default_device()),
+        "backend": lm.backend.name,
+        "device": lm.backend.device,
     }
     if lm.experts is not None:
         result["experts"] = lm.expert_stats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
@@ -50,10 +51,13 @@ class LatentCache:
 
 
 class PromptCache:
-    """The latent caches of all layers plus the token ids they hold."""
+    """The latent caches of all layers plus the token ids they hold.
 
-    def __init__(self, num_layers: int):
-        self.layers = [LatentCache() for _ in range(num_layers)]
+    A backend that keeps its latents elsewhere passes its own `layer` factory: the objects need
+    offset, rewind(n), state (an MLX array or None) and nbytes, as LatentCache has."""
+
+    def __init__(self, num_layers: int, layer: Callable[[], "LatentCache"] = lambda: LatentCache()):
+        self.layers = [layer() for _ in range(num_layers)]
         self.tokens: list[int] = []
 
     @property
@@ -129,6 +133,3 @@ class PromptCache:
                 raise EdgeDSError(f"{path}: layer {i} holds {c.offset} tokens, expected {len(cache.tokens)}")
         return cache
 
-
-def cache_bytes_per_token(num_layers: int, latent_dim: int, itemsize: int) -> int:
-    return num_layers * latent_dim * itemsize

@@ -22,9 +22,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from edge_ds.errors import EdgeDSError
-
-INDEX_NAME = "model.safetensors.index.json"
+from .errors import EdgeDSError
+from .layout import INDEX_FILE
 
 # A real header is a few MB at most (DeepSeek-V3 shards: ~100 KB). Anything bigger is
 # corruption or a non-safetensors file, and must not make us allocate gigabytes.
@@ -50,6 +49,15 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
             break
         done += got
     return done
+
+
+def require_finite(a: np.ndarray, where: str | Path, what: str) -> None:
+    """Raises naming `where` (a file) and `what` (a tensor, a slice of one) when `a` holds NaN or Inf."""
+    if np.issubdtype(a.dtype, np.floating) or a.dtype == np.dtype(ml_dtypes.bfloat16):
+        finite = np.isfinite(a.astype(np.float32, copy=False))
+        if not finite.all():
+            raise EdgeDSError(f"{where}: {what} has {int((~finite).sum())} NaN/Inf values")
+
 
 _DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -266,16 +274,17 @@ class Checkpoint:
 
     With model.safetensors.index.json, its weight_map is authoritative: exactly the
     tensors it lists are visible (stray tensors or files it does not name are ignored).
-    Without one, every *.safetensors file in the directory is used.
+    Without one, every file matching `pattern` in the directory is used.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, pattern: str = "*.safetensors"):
         self.directory = Path(directory)
+        self.pattern = pattern
         if not self.directory.is_dir():
             raise EdgeDSError(f"{self.directory}: not a directory")
         self._files: dict[Path, SafetensorsFile] = {}
         self._where: dict[str, SafetensorsFile] = {}
-        index = self.directory / INDEX_NAME
+        index = self.directory / INDEX_FILE
         if index.exists():
             self._load_index(index)
         else:
@@ -302,9 +311,9 @@ class Checkpoint:
             self._where[name] = f
 
     def _load_all(self) -> None:
-        paths = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
+        paths = sorted(p for p in self.directory.glob(self.pattern) if p.is_file())
         if not paths:
-            raise EdgeDSError(f"{self.directory}: no *.safetensors files")
+            raise EdgeDSError(f"{self.directory}: no {self.pattern} files")
         for path in paths:
             f = self._files[path] = SafetensorsFile(path)
             for name in f.tensors:

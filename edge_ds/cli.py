@@ -1,4 +1,9 @@
-"""The `edge-ds` command line: convert, export-onnx, generate, chat, serve, info, bench, trace."""
+"""The `edge-ds` command line: convert, export-onnx, generate, chat, serve, info, bench, trace.
+
+The top layer: the one module that imports both the runtime and the converters, and the one
+place that knows command-line flags (library errors name arguments; FLAGS turns them into
+flags). Commands import what they run when they run, so `edge-ds --help` loads no MLX.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,18 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgeDSError
+from . import backends
+from .errors import EdgeDSError, OptionError
+
+# The flag for each library argument that OptionError may name.
+FLAGS = {
+    "max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
+    "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
+    "path": "--model DIR", "backend": "--backend",
+    "expert_budget": "--expert-budget", "trace": "--trace", "budget": "--budget", "window": "--window",
+    "quant": "--quant", "group_size": "--group-size", "dtype": "--dtype",
+    "bits": "--bits", "block_size": "--block-size", "accuracy_level": "--accuracy-level",
+}
 
 
 class Group(click.Group):
@@ -19,6 +35,9 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except OptionError as e:
+            click.echo(f"edge-ds: error: {e.spelled(FLAGS.get(e.option, e.option))}", err=True)
+            sys.exit(1)
         except EdgeDSError as e:
             click.echo(f"edge-ds: error: {e}", err=True)
             sys.exit(1)
@@ -62,7 +81,7 @@ model_option = click.option("--model", "model_dir", type=click.Path(file_okay=Fa
                             help="Converted model directory (default: the shipped model).")
 
 
-backend_option = click.option("--backend", type=click.Choice(["mlx", "onnx"]), default=None,
+backend_option = click.option("--backend", type=click.Choice(backends.names()), default=None,
                               help="Runtime (default: mlx on Apple Silicon; elsewhere onnx when the model "
                                    "directory holds an `edge-ds export-onnx` export, else mlx).")
 
@@ -328,7 +347,8 @@ def trace_replay(trace_file, budgets, prefill, half_life):
 
     Two more columns show Belady seeing only the current token, and the current and next token:
     how much of the optimum needs routing that no runtime can know yet."""
-    from .trace import load_trace, replay
+    from .experts.replay import replay
+    from .experts.trace import load_trace
 
     names = ("lru", "lfu", "hybrid", "belady-0", "belady-1", "belady")
     tr = load_trace(trace_file)
@@ -358,7 +378,7 @@ def perplexity(model_dir, text_file, window, as_json):
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeDSError(f"{text_file}: cannot read as UTF-8 text ({e})") from None
     if window < 1:
-        raise EdgeDSError(f"--window must be at least 1, got {window}")
+        raise OptionError("window", f"{{option}} must be at least 1, got {window}")
     try:
         result = measure(load(model_dir), text, window)
     except ValueError as e:

@@ -14,6 +14,20 @@ from .errors import EdgeDSError
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+YARN_TYPES = ("yarn", "deepseek_yarn")
+QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+
+
+def rope_type(scaling: dict | None) -> str:
+    """The RoPE variant a rope_scaling / rope_parameters object names ("default" when none)."""
+    if not scaling:
+        return "default"
+    return scaling.get("rope_type", scaling.get("type")) or "default"
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched `factor` times."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclass
@@ -48,8 +62,6 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     num_nextn_predict_layers: int = 0
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
     quantization: dict | None = None  # mlx-lm's block: group_size, bits, mode (+ per-path overrides)
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -65,14 +77,12 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 when YaRN stretches the context."""
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
-        if rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            m_all = rs.get("mscale_all_dim", 0)
-            factor = rs.get("factor", 1.0)
-            if m_all and factor > 1:
-                m = 0.1 * m_all * math.log(factor) + 1.0
-                scale *= m * m
+        if rope_type(rs) in YARN_TYPES and rs.get("mscale_all_dim"):
+            m = yarn_mscale(rs.get("factor", 1.0), rs["mscale_all_dim"])
+            scale *= m * m
         return scale
 
     def is_moe_layer(self, i: int) -> bool:
@@ -158,8 +168,6 @@ class ModelConfig:
             tie_word_embeddings=opt("tie_word_embeddings", False, bool),
             attention_bias=opt("attention_bias", False, bool),
             num_nextn_predict_layers=opt("num_nextn_predict_layers", 0),
-            bos_token_id=opt("bos_token_id", None),
-            eos_token_id=opt("eos_token_id", None, (int, list)),
             quantization=opt("quantization", None, dict),
             raw=dict(d),
         )
@@ -212,13 +220,20 @@ class ModelConfig:
                 fail(f"field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the experts in "
                      f"topk_group ({self.topk_group}) groups")
         if self.rope_scaling is not None:
-            rtype = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if rtype not in ("yarn", "deepseek_yarn", "default", None):
+            rtype = rope_type(self.rope_scaling)
+            if rtype not in (*YARN_TYPES, "default"):
                 fail(f"field 'rope_scaling.type' {rtype!r} is not supported (yarn or default)")
-            if rtype in ("yarn", "deepseek_yarn"):
+            if rtype in YARN_TYPES:
                 for k in ("factor", "original_max_position_embeddings"):
                     if not isinstance(self.rope_scaling.get(k), (int, float)):
                         fail(f"field 'rope_scaling.{k}' is required for yarn")
+        if self.quantization is not None:
+            q = self.quantization
+            for k in ("group_size", "bits"):
+                if isinstance(q.get(k), bool) or not isinstance(q.get(k), int) or q[k] <= 0:
+                    fail(f"field 'quantization.{k}' must be a positive integer, got {q.get(k)!r}")
+            if q.get("mode", "affine") not in QUANT_MODES:
+                fail(f"field 'quantization.mode' must be one of {QUANT_MODES}, got {q.get('mode')!r}")
 
 
 def _rope_fields(d: dict, source: str) -> tuple[dict | None, float]:
@@ -228,13 +243,13 @@ def _rope_fields(d: dict, source: str) -> tuple[dict | None, float]:
     params = d.get("rope_parameters")
     if scaling is None and isinstance(params, dict):
         theta = params.get("rope_theta", theta)
-        if params.get("rope_type", params.get("type", "default")) != "default":
+        if rope_type(params) != "default":
             scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     if scaling is not None:
         if not isinstance(scaling, dict):
             raise EdgeDSError(f"{source}: field 'rope_scaling' must be an object or null")
         scaling = dict(scaling)
-        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        if rope_type(scaling) == "default":
             scaling = None
     if theta is None:
         theta = 10000.0

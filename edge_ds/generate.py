@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 
+from .backend import Backend
 from .cache import PromptCache
-from .errors import EdgeDSError
-from .sampling import apply_repetition_penalty
+from .errors import ContextLengthError, EdgeDSError
+from .sampling import Sampler, apply_repetition_penalty
 
 PREFILL_STEP = 512
 
@@ -24,7 +25,7 @@ class GenerationStats:
     prompt_tps: float = 0.0  # prefilled tokens / time to the first generated token
     generation_tokens: int = 0
     generation_tps: float = 0.0  # generated tokens / time from the first to the last
-    peak_memory_gb: float = 0.0  # MLX's peak allocation (onnx backend: the process's peak RSS)
+    peak_memory_gb: float = 0.0  # the backend's peak (MLX: its peak allocation; onnx: the process's peak RSS)
     finish_reason: str = "length"  # "stop" (EOS or stop string), "length", "interrupted"
 
     def to_dict(self) -> dict:
@@ -32,10 +33,10 @@ class GenerationStats:
 
 
 def generate_tokens(
-    model,
+    model: Backend,
     prompt: list[int],
     cache: PromptCache,
-    sampler: Callable[[mx.array], mx.array],
+    sampler: Sampler,
     max_tokens: int,
     stats: GenerationStats,
     repetition_penalty: float | None = None,
@@ -51,10 +52,9 @@ def generate_tokens(
         raise EdgeDSError("the prompt is empty")
     limit = model.config.max_position_embeddings
     if len(prompt) + max_tokens > limit:
-        raise EdgeDSError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+        raise ContextLengthError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                           f"max_position_embeddings ({limit})")
-    mx.reset_peak_memory()
-    peak_memory = getattr(model, "peak_memory_bytes", mx.get_peak_memory)
+    model.reset_peak_memory()
     start = time.perf_counter()
     reused = cache.reuse_prefix(prompt)
     todo = prompt[reused:]
@@ -66,8 +66,8 @@ def generate_tokens(
         cache.tokens.extend(tokens)
         if repetition_penalty and repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, history, repetition_penalty, repetition_context)
-        # Unnormalised: every sampler is shift-invariant, and logsumexp over the vocabulary costs
-        # 0.45 ms per token on the CPU (a tenth of an onnxruntime decode step).
+        # Unnormalised: every sampler is shift-invariant, and a logsumexp over the vocabulary is a
+        # measurable share of a fast decode step (README, ONNX export).
         return sampler(logits)
 
     # Prefill in chunks so activations stay bounded on long prompts.
@@ -93,7 +93,7 @@ def generate_tokens(
             mx.async_eval(token)
         stats.generation_tokens = n
         stats.generation_tps = n / max(time.perf_counter() - first, 1e-9)
-        stats.peak_memory_gb = peak_memory() / 1e9
+        stats.peak_memory_gb = model.peak_memory_bytes() / 1e9
         yield t
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from . import layout
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .loading import compute_dtype, quantization_of, weight_files
+from .loading import compute_dtype
 
 FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2": "Kimi-K2"}
 
@@ -15,26 +15,23 @@ FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2
 def model_info(directory: str | Path) -> dict:
     directory = Path(directory)
     cfg = ModelConfig.load(directory)
-    ckpt = Checkpoint(directory)
-    main = set(weight_files(directory))
+    ckpt = Checkpoint(directory, layout.WEIGHTS_GLOB)  # the main model: mtp.safetensors left out
+    names = set(ckpt.names())
     total = routed = 0
     weight_bytes = 0
-    for name in ckpt.names():
+    for name in sorted(names):
         info = ckpt.info(name)
-        if info.path not in main:
-            continue
         weight_bytes += info.nbytes
         if name.endswith((".scales", ".biases")):
             continue
         count = 1
         for d in info.shape:
             count *= d
-        base = name[: -len(".weight")] if name.endswith(".weight") else None
-        if base and f"{base}.scales" in ckpt:
-            q = quantization_of(cfg, base) or {"bits": 4}
+        if name.endswith(".weight") and layout.is_quantized(name, names):
+            q = layout.quantization_for(cfg, name.removesuffix(".weight")) or {"bits": 4}
             count = count * 32 // q["bits"]  # uint32 words hold 32 / bits values
         total += count
-        if ".switch_mlp." in name or re.search(r"\.mlp\.experts\.\d+\.", name):
+        if layout.is_routed_expert(name):
             routed += count
     E, k = cfg.n_routed_experts or 1, cfg.num_experts_per_tok
     active = total - routed + routed * k // E

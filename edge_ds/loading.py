@@ -1,14 +1,20 @@
-"""Build an MLX model from a model directory (mlx-lm layout, or an unconverted BF16/F32 HF dir)."""
+"""Build an MLX model from a model directory (mlx-lm layout, or an unconverted BF16/F32 HF dir).
+
+The steps, in order: read config.json; pick the module layout the checkpoint needs (W_UK as
+kv_b_proj rows or as mlx-lm's embed_q: layout.kv_b_as_rows); read the main model's tensors
+(lazily: a tensor left out is never read); rename them to module names (Model.sanitize);
+swap in quantized modules where the checkpoint holds scales; cast and load.
+"""
 
 from __future__ import annotations
 
-import glob
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import layout
+from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import EdgeDSError
 from .models.deepseek import Model
@@ -16,77 +22,50 @@ from .models.moe import MoE
 
 
 def compute_dtype() -> mx.Dtype:
-    """float32 on the CPU backend (its half-precision kernels are 8-35x slower), else bfloat16."""
+    """float32 on the CPU backend (its half-precision kernels are several times slower), else bfloat16."""
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The main-model safetensors: the index's shards, else model*.safetensors (never mtp.safetensors)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise EdgeDSError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [directory / n for n in names]
-        for f in files:
-            if not f.is_file():
-                raise EdgeDSError(f"{f}: shard named in {index.name} is missing")
-        return files
-    files = [Path(p) for p in sorted(glob.glob(str(directory / "model*.safetensors")))]
-    if not files:
-        raise EdgeDSError(f"{directory}: no model*.safetensors weights found")
-    return files
+    """The main model's safetensors: the index's shards, else model*.safetensors (never mtp.safetensors)."""
+    with Checkpoint(directory, layout.WEIGHTS_GLOB) as ckpt:
+        return ckpt.files()
 
 
-def read_weights(directory: Path) -> dict[str, mx.array]:
+def read_weights(directory: Path, keep=lambda name: True) -> dict[str, mx.array]:
+    """The main model's tensors for which keep(name) holds, as lazy MLX arrays (read when evaluated)."""
     weights = {}
     for f in weight_files(directory):
         try:
-            weights.update(mx.load(str(f)))
+            weights.update({k: v for k, v in mx.load(str(f)).items() if keep(k)})
         except Exception as e:
             raise EdgeDSError(f"{f}: cannot read safetensors ({e})") from None
     return weights
 
 
-def quantization_of(cfg: ModelConfig, path: str) -> dict | None:
-    """mlx-lm's quantization block: global group_size/bits/mode with per-module overrides."""
-    q = cfg.quantization
-    if not q:
-        return None
-    override = q.get(path)
-    if override is False:
-        return None
-    base = {"group_size": q.get("group_size", 64), "bits": q.get("bits", 4), "mode": q.get("mode", "affine")}
-    if isinstance(override, dict):
-        base.update({k: override[k] for k in ("group_size", "bits", "mode") if k in override})
-    return base
-
-
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: bool = True) -> Model:
     """routed_experts=False loads the trunk only: routed-expert tensors are never read and each
-    MoE layer is left without `switch_mlp` for experts.attach_experts to provide."""
+    MoE layer is left without `switch_mlp`, for experts.attach_experts to provide."""
     directory = Path(path)
     cfg = ModelConfig.load(directory)
-    model = Model(cfg)
-    weights = read_weights(directory)
+    keep = (lambda name: True) if routed_experts else (lambda name: not layout.is_routed_expert(name))
+    weights = read_weights(directory, keep)
+    if any(layout.is_fp8_scale(k) for k in weights):
+        raise EdgeDSError(f"{directory}: an FP8 checkpoint; convert it to MLX weights first (edge-ds convert)")
+    model = Model(cfg, kv_b_rows=layout.kv_b_as_rows(weights))
     if not routed_experts:
-        from .experts.store import is_routed_expert
-
-        weights = {k: v for k, v in weights.items() if not is_routed_expert(k)}  # lazy arrays: never read
         for layer in model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.pop("switch_mlp")
-    if any(k.endswith("_scale_inv") for k in weights):
-        raise EdgeDSError(f"{directory}: FP8 checkpoint; convert it first (edge-ds convert {directory} OUT)")
     weights = model.sanitize(weights)
 
     def quantize_predicate(p: str, m: nn.Module):
-        if f"{p}.scales" not in weights:
+        if not layout.is_quantized(f"{p}.weight", weights):
             return False
-        q = quantization_of(cfg, p)
+        q = layout.quantization_for(cfg, p)
         if q is None:
-            raise EdgeDSError(f"{directory}/config.json: '{p}' is quantized but config.json has no 'quantization'")
+            raise EdgeDSError(f"{directory / layout.CONFIG_FILE}: '{p}' is quantized but config.json has no "
+                              "'quantization'")
         return q
 
     nn.quantize(model, class_predicate=quantize_predicate)
@@ -94,10 +73,10 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: 
     dtype = dtype or compute_dtype()
     model.dtype = dtype
     for k, v in weights.items():
-        if mx.issubdtype(v.dtype, mx.floating) and not k.endswith("e_score_correction_bias"):
+        if k.endswith("e_score_correction_bias"):
+            weights[k] = v.astype(mx.float32)  # the router's choice is made in float32
+        elif mx.issubdtype(v.dtype, mx.floating):
             weights[k] = v.astype(dtype)
-        elif k.endswith("e_score_correction_bias"):
-            weights[k] = v.astype(mx.float32)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

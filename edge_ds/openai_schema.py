@@ -9,6 +9,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import OptionError
+from .options import SamplingOptions, is_int, is_number
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -22,14 +25,6 @@ class RequestError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v  # v == v: not NaN
 
 
 def _field(body: dict, name: str, check: Callable[[Any], bool], need: str, default: Any = None) -> Any:
@@ -80,7 +75,7 @@ def parse_prompt(value: Any, vocab_size: int) -> str | list[int]:
         if not value:
             raise RequestError("'prompt' is empty", "prompt")
         return value
-    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+    if isinstance(value, list) and value and all(is_int(t) for t in value):
         if not all(0 <= t < vocab_size for t in value):
             raise RequestError(f"'prompt' token ids must be in [0, {vocab_size})", "prompt")
         return value
@@ -91,14 +86,14 @@ def parse_prompt(value: Any, vocab_size: int) -> str | list[int]:
 
 def _unsupported(body: dict) -> None:
     """Reject options that would change the answer's meaning if silently ignored."""
-    n = _field(body, "n", _is_int, "an integer", 1)
+    n = _field(body, "n", is_int, "an integer", 1)
     if n != 1:
         raise RequestError(f"'n' must be 1 (this server generates one choice per request), got {n}", "n")
-    best_of = _field(body, "best_of", _is_int, "an integer", 1)
+    best_of = _field(body, "best_of", is_int, "an integer", 1)
     if best_of != 1:
         raise RequestError(f"'best_of' must be 1, got {best_of}", "best_of")
     for name in ("presence_penalty", "frequency_penalty"):
-        if _field(body, name, _is_number, "a number", 0) != 0:
+        if _field(body, name, is_number, "a number", 0) != 0:
             raise RequestError(f"'{name}' is not supported (use 'repetition_penalty')", name)
     for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
         if body.get(name) not in (None, False, 0, "", [], {}):
@@ -110,28 +105,31 @@ def _unsupported(body: dict) -> None:
 
 def parse_options(body: dict) -> dict:
     """The sampling options of a request, as keyword arguments of LanguageModel.stream
-    (max_tokens None: the rest of the context window, as OpenAI does)."""
+    (max_tokens None: the rest of the context window, as OpenAI does). JSON types are checked
+    here, values by SamplingOptions, the runtime's own check, with its message in our field names."""
     _unsupported(body)
     _field(body, "model", lambda v: isinstance(v, str), "a string")
-    max_tokens = _field(body, "max_completion_tokens", _is_int, "an integer")
-    name = "max_completion_tokens" if max_tokens is not None else "max_tokens"
-    if max_tokens is None:
-        max_tokens = _field(body, "max_tokens", _is_int, "an integer")
-    if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"'{name}' must be at least 1, got {max_tokens}", name)
-    temperature = _field(body, "temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0", 1.0)
-    top_p = _field(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)
-    top_k = _field(body, "top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
-    min_p = _field(body, "min_p", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]", 0.0)
-    penalty = _field(body, "repetition_penalty", lambda v: _is_number(v) and v > 0, "a number > 0")
-    seed = _field(body, "seed", _is_int, "an integer")
+    max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list)
+                                                            and all(isinstance(s, str) for s in stop))):
         raise RequestError("'stop' must be a non-empty string or a list of non-empty strings", "stop")
-    return dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-                min_p=float(min_p), repetition_penalty=None if penalty is None else float(penalty), seed=seed,
-                stop=stop or [])
+    options = dict(
+        max_tokens=_field(body, max_name, is_int, "an integer"),
+        temperature=_field(body, "temperature", is_number, "a number", 1.0),
+        top_p=_field(body, "top_p", is_number, "a number", 1.0),
+        top_k=_field(body, "top_k", is_int, "an integer", 0),
+        min_p=_field(body, "min_p", is_number, "a number", 0.0),
+        repetition_penalty=_field(body, "repetition_penalty", is_number, "a number"),
+        seed=_field(body, "seed", is_int, "an integer"),
+        stop=stop or (),
+    )
+    try:
+        checked = SamplingOptions(**options)
+    except OptionError as e:
+        name = max_name if e.option == "max_tokens" else e.option
+        raise RequestError(e.spelled(f"'{name}'"), name) from None
+    return {k: getattr(checked, k) for k in options}
 
 
 def parse_stream(body: dict) -> tuple[bool, bool]:

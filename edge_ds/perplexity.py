@@ -44,7 +44,7 @@ def window_nll(model, windows: list[list[int]], batch: int = 8) -> tuple[float, 
 def perplexity(lm, text: str, window: int = 256, batch: int = 8) -> Perplexity:
     """Perplexity of `text` (encoded with BOS, as one sequence) under a loaded LanguageModel."""
     ids = lm.tokenizer.encode(text)
-    nll, count = window_nll(lm.model, split_windows(ids, window), batch)
+    nll, count = window_nll(lm.backend, split_windows(ids, window), batch)
     if count == 0:
         raise ValueError("text is too short: it must encode to at least two tokens")
     return Perplexity(math.exp(nll / count), nll / count, count)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import EdgeDSError
+from .errors import OptionError
 
 DEFAULT_MODEL = "edge-ds-tiny"
 
@@ -21,5 +21,5 @@ def resources_dir() -> Path:
 def default_model_path() -> Path:
     path = resources_dir() / DEFAULT_MODEL
     if not (path / "config.json").is_file():
-        raise EdgeDSError(f"no default model at {path}; pass --model DIR (a converted model directory)")
+        raise OptionError("path", f"no default model at {path}; give {{option}} (a converted model directory)")
     return path

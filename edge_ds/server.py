@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
-from .errors import EdgeDSError
+from .errors import ContextLengthError, EdgeDSError
 from .openai_schema import (Reply, RequestError, Result, parse_messages, parse_options, parse_prompt,
                             parse_stream)
 
@@ -131,15 +131,10 @@ class ModelWorker:
     def _generate(self, job: Job) -> None:
         lm = self.lm
         opts = dict(job.options)
-        ids: list[int] = []
         encoded = False
         try:
             ids = lm.encode_prompt(job.prompt, job.chat_template)
             encoded = True
-            if opts["max_tokens"] is None:
-                # The rest of the context window; at least 1, so that a full window is reported
-                # by the runtime like any other over-long prompt.
-                opts["max_tokens"] = max(1, lm.config.max_position_embeddings - len(ids))
             if self.prompt_cache and self._cache is None:
                 self._cache = lm.new_cache()
             stream = lm.stream(ids, cache=self._cache if self.prompt_cache else None, **opts)
@@ -162,8 +157,7 @@ class ModelWorker:
                           f"{result.prompt_tps:.1f} tok/s), {result.completion_tokens} generated "
                           f"({result.generation_tps:.1f} tok/s), {result.finish_reason}")
         except EdgeDSError as e:
-            limit = lm.config.max_position_embeddings
-            over = bool(ids) and opts.get("max_tokens") is not None and len(ids) + opts["max_tokens"] > limit
+            over = isinstance(e, ContextLengthError)
             if over or not encoded:  # the request's fault: its prompt
                 job.events.put(("error", RequestError(str(e), "messages" if job.chat_template else "prompt",
                                                       code="context_length_exceeded" if over else None)))

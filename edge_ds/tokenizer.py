@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge_ds.errors import EdgeDSError
+from .errors import EdgeDSError
 
 _REPLACEMENT = "\ufffd"
 _SPACE_PIECE = "\u2581"  # sentencepiece's "▁"
@@ -324,7 +324,7 @@ class Tokenizer:
         """Render messages with the model's chat template; extra keyword args become template variables."""
         if not self.chat_template:
             raise EdgeDSError("this model has no chat template (no chat_template in tokenizer_config.json "
-                              "or chat_template.jinja); use --no-chat-template")
+                              "or chat_template.jinja); give the prompt as text, with chat_template=False")
         from jinja2 import TemplateError
         from jinja2.exceptions import SecurityError
 

@@ -9,6 +9,7 @@ Elsewhere (Linux CPU, CUDA) there is nothing to wire and these calls do nothing.
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 HEADROOM = 1.25  # room for the latent cache and activations on top of the weights
 
@@ -29,6 +30,4 @@ def wire(model, extra_bytes: int = 0) -> int | None:
 
 def parameter_bytes(model) -> int:
     """Bytes of the model's resident parameters (lazy experts' slots are not parameters)."""
-    from mlx.utils import tree_flatten
-
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

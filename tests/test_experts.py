@@ -274,7 +274,7 @@ def test_weights_are_wired_on_metal(with_tokenizer, monkeypatch):
     monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1 << 40})
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: limits.append(n) or 0)
     lm = edge_ds.load(with_tokenizer, expert_budget="25%")
-    trunk = parameter_bytes(lm.model)
+    trunk = parameter_bytes(lm.backend.model)
     assert limits == [int((trunk + lm.experts.slots * lm.experts.store.expert_bytes) * HEADROOM)]
     monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1000})
     edge_ds.load(with_tokenizer)
@@ -322,7 +322,7 @@ def test_cli_bench_and_generate_with_budget(with_tokenizer):
     assert "Expert hits" in r.output and "GB/s" in r.output
     r = CliRunner().invoke(cli, ["generate", "--model", str(with_tokenizer), "--expert-budget", "1KB",
                                  "--prompt", "x", "--no-chat-template"])
-    assert r.exit_code == 1 and "expert_budget" in r.output
+    assert r.exit_code == 1 and "--expert-budget" in r.output
 
 
 # --- memory --------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def test_peak_rss_stays_near_trunk_plus_budget(zoo, tmp_path):
 
 
 def test_cli_generate_records_a_trace(with_tokenizer, tmp_path):
-    from edge_ds.trace import load_trace
+    from edge_ds.experts.trace import load_trace
 
     file = tmp_path / "t.jsonl"
     r = CliRunner().invoke(cli, ["generate", "--model", str(with_tokenizer), "--expert-budget", "50%", "--trace",

@@ -151,14 +151,15 @@ def test_repetition_penalty_noops():
     assert apply_repetition_penalty(logits, [], penalty=1.3) is logits
 
 
+# The library names its arguments; the CLI's flags for the same errors: test_cli_errors.py.
 @pytest.mark.parametrize("kwargs, option", [
-    ({"temperature": -0.1}, "--temperature"),
-    ({"temperature": math.nan}, "--temperature"),
-    ({"top_p": 0.0}, "--top-p"),
-    ({"top_p": 1.5}, "--top-p"),
-    ({"top_k": -1}, "--top-k"),
-    ({"min_p": 1.5}, "--min-p"),
-    ({"min_p": -0.1}, "--min-p"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_p": -0.1}, "min_p"),
     ({"min_tokens_to_keep": 0}, "min_tokens_to_keep"),
 ])
 def test_invalid_options(kwargs, option):
@@ -167,13 +168,13 @@ def test_invalid_options(kwargs, option):
 
 
 def test_top_p_message():
-    with pytest.raises(EdgeDSError, match=r"^--top-p must be in \(0, 1\], got 1.5$"):
+    with pytest.raises(EdgeDSError, match=r"^top_p must be in \(0, 1\], got 1.5$"):
         make_sampler(top_p=1.5)
 
 
 @pytest.mark.parametrize("penalty", [0.0, -1.0])
 def test_invalid_repetition_penalty(penalty):
-    with pytest.raises(EdgeDSError, match="--repetition-penalty"):
+    with pytest.raises(EdgeDSError, match="repetition_penalty"):
         apply_repetition_penalty(mx.zeros((1, 4)), [1], penalty)
 
 

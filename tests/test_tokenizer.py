@@ -356,7 +356,7 @@ def test_missing_chat_template(sp_dir, tmp_path):
     shutil.copy(sp_dir / "tokenizer.model", tmp_path)
     t = Tokenizer.load(tmp_path)
     assert not t.has_chat_template
-    with pytest.raises(EdgeDSError, match="no chat template.*--no-chat-template"):
+    with pytest.raises(EdgeDSError, match="no chat template.*chat_template=False"):
         t.apply_chat_template(MESSAGES)
 
 

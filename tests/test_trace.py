@@ -14,7 +14,8 @@ from edge_ds.errors import EdgeDSError
 from edge_ds.experts import LRU, attach_experts
 from edge_ds.experts.policy import DecayedFrequency
 from edge_ds.loading import load_model
-from edge_ds.trace import Belady, Step, TraceRecorder, _next_uses, load_trace, replay, simulate
+from edge_ds.experts.replay import Belady, _next_uses, replay, simulate
+from edge_ds.experts.trace import Step, TraceRecorder, load_trace
 from tests.test_experts import greedy_run
 
 

@@ -1,0 +1,41 @@
+"""The backends: one module each, found by name (see edge_ds/backend.py for what a module offers)."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import platform
+from pathlib import Path
+
+from ..backend import Backend, ExpertOptions
+from ..errors import OptionError
+
+DEFAULT = "mlx"  # reads every model directory edge-ds writes or reads, on every platform
+
+
+def names() -> list[str]:
+    """The backends this installation has (their modules are not imported)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def default_backend(directory: Path) -> str:
+    """MLX on Apple Silicon (Metal, unified memory). Elsewhere a backend whose own export the
+    directory holds (an onnxruntime export: its 4-bit CPU kernels are far faster than MLX's CPU
+    backend), else MLX."""
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return DEFAULT
+    for name in names():
+        if name != DEFAULT and importlib.import_module(f"{__name__}.{name}").detect(directory):
+            return name
+    return DEFAULT
+
+
+def open_backend(name: str | None, directory: Path, experts: ExpertOptions | None = None) -> Backend:
+    """The model in `directory` on backend `name` (None: default_backend, or MLX for lazy experts)."""
+    available = names()
+    if name is None:
+        name = DEFAULT if experts is not None else default_backend(directory)
+    if name not in available:
+        raise OptionError("backend", f"{{option}} {name!r} is not available in this build "
+                                     f"(available: {', '.join(available)})")
+    return importlib.import_module(f"{__name__}.{name}").load(directory, experts)

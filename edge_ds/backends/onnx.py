@@ -1,7 +1,7 @@
 """The onnxruntime backend: runs an `edge-ds export-onnx` directory on the CPU.
 
-OnnxModel has the call signature of the MLX model (tokens [B, L], cache -> logits), so
-api.py's generation, streaming and chat run unchanged on it. The latent cache stays in
+OnnxModel implements the backend interface (edge_ds/backend.py), so generation, streaming,
+chat and the server run unchanged on it. The latent cache stays in
 onnxruntime-owned OrtValues: each step binds the previous step's present_latent.{i} outputs
 as past_latent.{i} inputs (IOBinding), so the cache is never copied through numpy.
 """
@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import onnxruntime as ort
 
+try:
+    import resource  # Unix only
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
+from ..backend import ExpertOptions
 from ..cache import PromptCache
 from ..config import ModelConfig
-from ..errors import EdgeDSError
-
-MANIFEST = "onnx.json"
+from ..errors import ContextLengthError, EdgeDSError, OptionError
+from ..layout import ONNX_MANIFEST as MANIFEST
 
 
 class OrtLatent:
@@ -54,8 +60,7 @@ class OrtCache(PromptCache):
 
     def __init__(self, num_layers: int, latent_dim: int, batch: int = 1):
         empty = np.zeros((batch, 1, 0, latent_dim), np.float32)
-        self.layers = [OrtLatent(ort.OrtValue.ortvalue_from_numpy(empty)) for _ in range(num_layers)]
-        self.tokens: list[int] = []
+        super().__init__(num_layers, lambda: OrtLatent(ort.OrtValue.ortvalue_from_numpy(empty)))
         self.mask = np.zeros((batch, 0), np.int64)  # attention_mask of the rows held
 
     def rewind(self, n: int) -> None:
@@ -70,7 +75,8 @@ class OrtCache(PromptCache):
 class OnnxModel:
     """An exported graph in an onnxruntime session: __call__(tokens [B, L], cache) -> logits."""
 
-    backend = "onnx"
+    name = "onnx"
+    experts = None  # every expert is in the graph
 
     def __init__(self, directory: str | Path, threads: int | None = None):
         directory = Path(directory)
@@ -98,12 +104,13 @@ class OnnxModel:
         self._outputs = ["logits"] + [f"present_latent.{i}" for i in range(self.num_layers)]
         self.device = f"onnxruntime {ort.__version__} CPU, {options.intra_op_num_threads or 'all'} threads"
 
-    @staticmethod
-    def peak_memory_bytes() -> int:
-        """onnxruntime allocates outside MLX: the process's peak resident set instead."""
-        import resource
-        import sys
+    def reset_peak_memory(self) -> None:
+        """A process's peak resident set cannot be reset: peak_memory_bytes counts from its start."""
 
+    def peak_memory_bytes(self) -> int:
+        """onnxruntime allocates outside MLX: the process's peak resident set instead."""
+        if resource is None:
+            return 0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
 
@@ -128,7 +135,7 @@ class OnnxModel:
                 raise EdgeDSError(f"the cache holds a batch of {cache.mask.shape[0]}, got {B} rows")
             cache = self._resize(cache, B)
         if cache.offset + L > self.config.max_position_embeddings:
-            raise EdgeDSError(f"{cache.offset + L} positions exceed the model's max_position_embeddings "
+            raise ContextLengthError(f"{cache.offset + L} positions exceed the model's max_position_embeddings "
                               f"({self.config.max_position_embeddings})")
         new_mask = np.ones((B, L), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
         mask = np.concatenate([cache.mask, new_mask], axis=1)
@@ -155,3 +162,15 @@ class OnnxModel:
         fresh = self.make_cache(batch)
         cache.layers, cache.mask = fresh.layers, fresh.mask
         return cache
+
+
+def detect(directory: Path) -> bool:
+    """The directory holds an `edge-ds export-onnx` export."""
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def load(directory: Path, experts: ExpertOptions | None = None) -> OnnxModel:
+    if experts is not None:
+        raise OptionError("expert_budget", "{option} and trace need the mlx backend (onnx keeps every expert "
+                                           "resident)")
+    return OnnxModel(directory)

@@ -1,32 +1,38 @@
 """Eviction policies over (layer, expert) keys, shared by the runtime cache and trace replay.
 
 Time `t` counts tokens. A policy sees every use of a key and ranks keys for eviction; it
-never sees the future (Belady's optimum, which does, lives in trace.py).
+never sees the future (Belady's optimum, which does, lives in replay.py).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from typing import Hashable, Iterable
+from typing import Iterable
 
-Key = Hashable
+from ..errors import OptionError
+
+ExpertKey = tuple[int, int]  # (layer, expert): what the expert cache holds and policies rank
 
 
 class Policy:
     name = "policy"
 
-    def access(self, key: Key, t: int) -> None:
+    def access(self, key: ExpertKey, t: int) -> None:
         """`key` was used at time t (a hit, or a miss that loaded it)."""
 
-    def evicted(self, key: Key) -> None:
+    def evicted(self, key: ExpertKey) -> None:
         """`key` left the cache."""
 
-    def priority(self, key: Key) -> float:
+    def set_hints(self, hints: dict[ExpertKey, int]) -> None:
+        """Keys the coming layers of this token are predicted to use (key -> layers ahead); a
+        policy without lookahead ignores them."""
+
+    def priority(self, key: ExpertKey) -> float:
         """Higher stays longer."""
         raise NotImplementedError
 
-    def victims(self, keys: Iterable[Key], n: int) -> list[Key]:
+    def victims(self, keys: Iterable[ExpertKey], n: int) -> list[ExpertKey]:
         """The n keys to evict first."""
         return heapq.nsmallest(n, keys, key=self.priority)
 
@@ -37,7 +43,7 @@ class LRU(Policy):
     name = "lru"
 
     def __init__(self):
-        self.last: dict[Key, int] = {}
+        self.last: dict[ExpertKey, int] = {}
 
     def access(self, key, t):
         self.last[key] = t
@@ -55,8 +61,8 @@ class LFU(Policy):
     name = "lfu"
 
     def __init__(self):
-        self.count: dict[Key, int] = {}
-        self.last: dict[Key, int] = {}
+        self.count: dict[ExpertKey, int] = {}
+        self.last: dict[ExpertKey, int] = {}
 
     def access(self, key, t):
         self.count[key] = self.count.get(key, 0) + 1
@@ -81,14 +87,13 @@ class DecayedFrequency(Policy):
 
     def __init__(self, half_life: float = 16.0):
         self.half_life = float(half_life)
-        self.score: dict[Key, float] = {}
-        self.last: dict[Key, int] = {}
-        self.hints: dict[Key, int] = {}
+        self.score: dict[ExpertKey, float] = {}
+        self.last: dict[ExpertKey, int] = {}
+        self.hints: dict[ExpertKey, int] = {}
 
-    def set_hints(self, hints: dict[Key, int]) -> None:
-        """Experts the coming layers of this token are predicted to use (key -> layers ahead):
-        kept before anything else, nearest first. The predictions are the later layers' routers
-        run on the current layer's input (switch.py); they only order evictions."""
+    def set_hints(self, hints: dict[ExpertKey, int]) -> None:
+        """Hinted keys are kept before anything else, nearest first. The predictions are the later
+        layers' routers run on the current layer's input (switch.py); they only order evictions."""
         self.hints = hints
 
     def access(self, key, t):
@@ -116,8 +121,6 @@ POLICIES = {"lru": LRU, "lfu": LFU, "hybrid": DecayedFrequency}
 
 
 def make_policy(name: str, **options) -> Policy:
-    from ..errors import EdgeDSError
-
     if name not in POLICIES:
-        raise EdgeDSError(f"unknown expert cache policy {name!r} (choose from {', '.join(POLICIES)})")
+        raise OptionError("expert_policy", f"{{option}}: unknown policy {name!r} (choose from {', '.join(POLICIES)})")
     return POLICIES[name](**options)

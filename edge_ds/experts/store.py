@@ -19,12 +19,10 @@ import ml_dtypes
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import Checkpoint, numpy_dtype, pread_into
+from ..checkpoint import Checkpoint, numpy_dtype, pread_into, require_finite
 from ..config import ModelConfig
 from ..errors import EdgeDSError
-
-PROJS = ("gate_proj", "up_proj", "down_proj")
-KINDS = ("weight", "scales", "biases")
+from ..layout import EXPERT_PROJS, QUANT_PARTS, expert_name, stacked_name
 
 _NP_OF_MX = {mx.float32: np.dtype(np.float32), mx.float16: np.dtype(np.float16),
              mx.bfloat16: np.dtype(ml_dtypes.bfloat16)}
@@ -32,16 +30,11 @@ _MX_OF_NP = {np.dtype(np.uint32): mx.uint32, np.dtype(np.uint8): mx.uint8, np.dt
              np.dtype(np.float16): mx.float16, np.dtype(ml_dtypes.bfloat16): mx.bfloat16}
 
 
-def is_routed_expert(name: str) -> bool:
-    """Whether a checkpoint tensor belongs to a routed expert (stacked or per-expert naming)."""
-    return ".mlp.switch_mlp." in name or ".mlp.experts." in name
-
-
 @dataclass(frozen=True)
 class ExpertTensor:
     """One tensor kind (e.g. "gate_proj.scales") of every expert of one layer."""
 
-    key: str  # "gate_proj.scales"
+    key: str  # "{proj}.{part}", e.g. "gate_proj.scales"
     shape: tuple[int, ...]  # one expert's shape
     disk_dtype: np.dtype
     dtype: np.dtype  # in memory: floating tensors become the compute dtype, as in the resident model
@@ -92,11 +85,11 @@ class ExpertStore:
     def _locate(self, ckpt: Checkpoint, layer: int) -> dict[str, ExpertTensor]:
         E, D, I = self.num_experts, self.cfg.hidden_size, self.cfg.moe_intermediate_size
         out = {}
-        for proj in PROJS:
+        for proj in EXPERT_PROJS:
             out_dim, in_dim = (D, I) if proj == "down_proj" else (I, D)
-            for kind in KINDS:
-                stacked = f"model.layers.{layer}.mlp.switch_mlp.{proj}.{kind}"
-                per_expert = [f"model.layers.{layer}.mlp.experts.{e}.{proj}.{kind}" for e in range(E)]
+            for kind in QUANT_PARTS:
+                stacked = stacked_name(layer, proj, kind)
+                per_expert = [expert_name(layer, e, proj, kind) for e in range(E)]
                 if stacked in ckpt:
                     info = ckpt.info(stacked)
                     if not info.shape or info.shape[0] != E or info.nbytes % E:
@@ -153,8 +146,8 @@ class ExpertStore:
         """Reads several experts and waits; the first failure is raised.
 
         Slices already in the page cache are copied on this thread (Linux RWF_NOWAIT: a handoff
-        to the pool costs more than the copy, 2.4 vs 1.5 GB/s warm on the benchmark model); the
-        rest go to the pool, several in flight, since cold reads wait on the disk (0.48 vs 0.32 GB/s).
+        to the pool costs more than the copy); the rest go to the pool, several in flight, since
+        cold reads wait on the disk (README: Lazy expert loading).
         """
         cold = []
         for layer, expert, dests in requests:
@@ -186,10 +179,7 @@ class ExpertStore:
                               f"but only {got} could be read (file changed or truncated since it was opened)")
         if not direct:
             np.copyto(dest, buf.view(t.disk_dtype).reshape(t.shape), casting="unsafe")
-        if np.issubdtype(dest.dtype, np.floating) or dest.dtype == np.dtype(ml_dtypes.bfloat16):
-            if not np.isfinite(dest.astype(np.float32, copy=False)).all():
-                raise EdgeDSError(f"{path}: corrupt data: expert {expert} of {name!r} (layer {layer}) holds NaN "
-                                  f"or Inf at byte offset {offset}")
+        require_finite(dest, path, f"corrupt data: expert {expert} of {name!r} (layer {layer}) at byte offset {offset}")
         return got
 
     def _fd(self, path: Path) -> int:

@@ -2,7 +2,7 @@
 
 It stands in for models.moe.SwitchGLU (same call: x [N, D], indices [N, k] -> [N, k, D]) and
 runs SwitchGLU's own code on cache stacks, so results are bit-identical to the resident model:
-  - decode-sized calls (< SORT_PAIRS pairs): SwitchGLU.gather_ffn over the cache pool with slot
+  - decode-sized calls (< moe.SORT_PAIRS pairs): SwitchGLU.gather_ffn over the cache pool with slot
     indices instead of expert indices, the same gather call shape, so each (token, expert)
     pair is computed the same way;
   - prefill-sized calls: pairs sorted by expert exactly as SwitchGLU sorts them; each group of
@@ -22,13 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..models.layers import QuantizedExpertLinear
-from ..models.moe import SwitchGLU
-from .cache import ExpertCache
-from .store import PROJS
-
-SORT_PAIRS = 64  # SwitchGLU sorts (token, expert) pairs by expert from this many pairs on
-PREFILL_TOKENS = 16  # calls with this many tokens stream past the cache (prefill)
+from ..layout import EXPERT_PROJS, QUANT_PARTS
+from ..models.layers import PREFILL_ROWS, QuantizedExpertLinear
+from ..models.moe import SORT_PAIRS, SwitchGLU
+from .slots import ExpertCache
 # The dense prefill path unpacks a wave's experts to float: cap that transient (the resident
 # model unpacks a whole layer), so prefill memory stays near the budget.
 DENSE_WAVE_BYTES = 16 << 20
@@ -46,7 +43,7 @@ class LazySwitchGLU:
         # arithmetic is models.moe's own (its weights are never evaluated: no memory).
         cfg = cache.store.cfg
         self.glu = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, 1)
-        for proj in PROJS:
+        for proj in EXPERT_PROJS:
             q = quant[proj]
             if q is not None:
                 setattr(self.glu, proj, QuantizedExpertLinear(q["group_size"], q["bits"], q["mode"]))
@@ -54,13 +51,13 @@ class LazySwitchGLU:
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         cache = self.cache
         N, k = indices.shape
-        streaming = N >= PREFILL_TOKENS
+        streaming = N >= PREFILL_ROWS  # prefill streams past the cache
         first = cache.begin(self.layer, x, N, streaming)
         guesses = []
         if first and not streaming:
             # The next layers' routers on this layer's input guess what this token needs next
-            # (~70-80% right one layer ahead on edge-ds-tiny): those experts are not evicted
-            # now, and with prefetch the nearest layer's guesses are read ahead.
+            # (most often right one layer ahead: README, Lazy expert loading): those experts are
+            # not evicted now, and with prefetch the nearest layer's guesses are read ahead.
             guesses = [gate(x)[0] for _, gate in self.lookahead]  # each [N, k]
             mx.eval(indices, *guesses)
             guesses = [np.array(g) for g in guesses]
@@ -146,9 +143,9 @@ class LazySwitchGLU:
 
     def _bind(self, arrays: dict[str, mx.array]) -> SwitchGLU:
         """The shell SwitchGLU with its projections reading `arrays` (key -> [n, ...] stack)."""
-        for proj in PROJS:
+        for proj in EXPERT_PROJS:
             lin = getattr(self.glu, proj)
-            for kind in ("weight", "scales", "biases"):
+            for kind in QUANT_PARTS:
                 a = arrays.get(f"{proj}.{kind}")
                 if a is not None:
                     lin[kind] = a

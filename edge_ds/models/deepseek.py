@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import re
-
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import layout
 from ..config import ModelConfig
-from .layers import HeadLinear, Linear
+from ..errors import EdgeDSError
+from .layers import Linear
 from .mla import MLA
 from .moe import MLP, MoE
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h)); x [B, L, D]."""
 
-    def __init__(self, cfg: ModelConfig, index: int):
+    def __init__(self, cfg: ModelConfig, index: int, kv_b_rows: bool = False):
         super().__init__()
-        self.self_attn = MLA(cfg)
+        self.self_attn = MLA(cfg, kv_b_rows)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -29,20 +29,23 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kv_b_rows: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.layers = [DecoderLayer(cfg, i, kv_b_rows) for i in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
 class Model(nn.Module):
-    """token ids [B, L] -> logits [B, L, vocab]; `cache` is a list of per-layer LatentCaches."""
+    """token ids [B, L] -> logits [B, L, vocab]; `cache` is a list of per-layer LatentCaches.
 
-    def __init__(self, cfg: ModelConfig):
+    kv_b_rows: the checkpoint keeps kv_b_proj whole (see layout.kv_b_as_rows), so MLA holds W_UK
+    as its rows; otherwise as mlx-lm's embed_q."""
+
+    def __init__(self, cfg: ModelConfig, kv_b_rows: bool = False):
         super().__init__()
         self.config = cfg
-        self.model = DeepseekModel(cfg)
+        self.model = DeepseekModel(cfg, kv_b_rows)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.dtype = mx.float32
@@ -65,40 +68,28 @@ class Model(nn.Module):
         return self.model.embed_tokens.as_linear(h)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Checkpoint names (HF or mlx-lm layout) -> this module's parameter names."""
+        """Checkpoint names (Hugging Face or mlx-lm layout) -> this module's parameter names: the
+        MTP module and recomputed tensors are dropped, per-expert tensors stacked into switch_mlp,
+        a whole kv_b_proj split into embed_q (its W_UK rows) and unembed_out."""
         cfg = self.config
-        n = cfg.num_hidden_layers
-        mtp = re.compile(rf"^model\.layers\.(\d+)\.")
-        out = {}
-        for k, v in weights.items():
-            m = mtp.match(k)
-            if (m and int(m.group(1)) >= n) or "rotary_emb.inv_freq" in k:
-                continue  # the MTP module is not part of the forward pass
-            out[k] = v
-        for i in range(n):
-            p = f"model.layers.{i}"
-            # HF per-expert tensors -> stacked switch_mlp
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                for kind in ("weight", "scales", "biases"):
-                    first = f"{p}.mlp.experts.0.{proj}.{kind}"
-                    if first in out:
-                        out[f"{p}.mlp.switch_mlp.{proj}.{kind}"] = mx.stack(
-                            [out.pop(f"{p}.mlp.experts.{e}.{proj}.{kind}") for e in range(cfg.n_routed_experts)])
-            # kv_b_proj [H*(nope+v), kv_lora] -> per-head W_UK [H, nope, kv_lora] and W_UV [H, v, kv_lora].
-            # Slicing rows keeps a quantized kv_b_proj exact (groups run along kv_lora).
-            a = f"{p}.self_attn"
-            if f"{a}.kv_b_proj.weight" in out:
-                H, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
-                for kind in ("weight", "scales", "biases"):
-                    key = f"{a}.kv_b_proj.{kind}"
-                    if key in out:
-                        w = out.pop(key)
-                        w = w.reshape(H, nope + cfg.v_head_dim, w.shape[-1])
-                        out[f"{a}.embed_q.{kind}"] = mx.contiguous(w[:, :nope])
-                        out[f"{a}.unembed_out.{kind}"] = mx.contiguous(w[:, nope:])
-                attn = self.layers[i].self_attn
-                attn.embed_q = HeadLinear(cfg.kv_lora_rank, nope, H)  # weight [H, nope, kv_lora]
-                attn.embed_q_latent_last = True
+        out = {k: v for k, v in weights.items() if not layout.is_mtp(k, cfg) and not layout.is_recomputed(k)}
+        for i in cfg.moe_layers:
+            for proj in layout.EXPERT_PROJS:
+                for part in layout.QUANT_PARTS:
+                    names = [layout.expert_name(i, e, proj, part) for e in range(cfg.n_routed_experts)]
+                    if names[0] in out:
+                        missing = [n for n in names if n not in out]
+                        if missing:
+                            raise EdgeDSError(f"tensor '{missing[0]}' is missing from the checkpoint")
+                        out[layout.stacked_name(i, proj, part)] = mx.stack([out.pop(n) for n in names])
+        for i in range(cfg.num_hidden_layers):
+            attn = f"model.layers.{i}.self_attn"
+            embed_q, unembed_out = layout.split_kv_b_names(attn)
+            for part in layout.QUANT_PARTS:
+                if layout.kv_b_name(attn, part) in out:
+                    w_uk_rows, w_uv = layout.split_kv_b(out.pop(layout.kv_b_name(attn, part)), cfg)
+                    out[f"{embed_q}.{part}"] = mx.contiguous(w_uk_rows)
+                    out[f"{unembed_out}.{part}"] = mx.contiguous(w_uv)
         return out
 
 

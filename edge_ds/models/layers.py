@@ -86,15 +86,15 @@ class QuantizedExpertLinear(_Quantized):
 
 
 # --- CPU prefill ----------------------------------------------------------------------
-# MLX's CPU quantized matmul runs ~2 GFLOP/s once there are many rows, while a dense float32
-# matmul goes through BLAS. So for prefill on the CPU backend we unpack the weights to
-# float32 (a fused, compiled kernel) and multiply densely; decode (one row) keeps the
-# quantized kernel, which reads 4x fewer bytes.
-DENSE_ROWS = 16
+# MLX's CPU quantized matmul is slow once there are many rows, while a dense float32 matmul
+# goes through BLAS. So for prefill on the CPU backend we unpack the weights to float32 (a
+# fused, compiled kernel) and multiply densely; decode (one row) keeps the quantized kernel,
+# which reads 4x fewer bytes. The same cutoff makes a lazy-expert call prefill (experts/switch.py).
+PREFILL_ROWS = 16
 
 
 def dense_prefill(rows: int) -> bool:
-    return rows >= DENSE_ROWS and mx.default_device() == mx.cpu
+    return rows >= PREFILL_ROWS and mx.default_device() == mx.cpu
 
 
 @mx.compile
@@ -143,8 +143,7 @@ def cpu_streams() -> list:
 
 
 def _split_matvec(x: mx.array, m: nn.Module) -> mx.array:
-    """A wide quantized matvec in two row halves on two CPU streams (about 1.8x on the
-    32000-row head)."""
+    """A wide quantized matvec in two row halves on two CPU streams."""
     h = m["weight"].shape[0] // 2
     outs = []
     for i, stream in enumerate(cpu_streams()):

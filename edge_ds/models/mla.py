@@ -21,7 +21,7 @@ from .rope import RoPE
 class MLA(nn.Module):
     """x [B, L, D] -> [B, L, D]; `cache` is this layer's LatentCache or None (no cache)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kv_b_rows: bool = False):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.q_lora_rank = cfg.q_lora_rank
@@ -41,22 +41,25 @@ class MLA(nn.Module):
             self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, bias=False)
         self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.latent_dim, bias=bias)
         self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, eps=1e-6)
-        # kv_b_proj split per head: W_UK (latent <-> nope) and W_UV (latent -> v).
-        # embed_q is stored [H, kv_lora, nope] (mlx-lm's deepseek_v3 layout) unless
-        # `embed_q_latent_last` (rows of a deepseek_v2 kv_b_proj: [H, nope, kv_lora]).
-        self.embed_q = HeadLinear(self.nope_dim, self.kv_lora_rank, H)
-        self.embed_q_latent_last = False
+        # kv_b_proj split per head: W_UK (latent <-> nope) and W_UV (latent -> v). embed_q holds
+        # W_UK as mlx-lm's [H, kv_lora, nope], or with kv_b_rows as kv_b_proj's own rows
+        # [H, nope, kv_lora] (exact for a quantized kv_b_proj, whose groups run along kv_lora).
+        self.kv_b_rows = kv_b_rows
+        if kv_b_rows:
+            self.embed_q = HeadLinear(self.kv_lora_rank, self.nope_dim, H)
+        else:
+            self.embed_q = HeadLinear(self.nope_dim, self.kv_lora_rank, H)
         self.unembed_out = HeadLinear(self.kv_lora_rank, self.v_dim, H)
         self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, bias=bias)
         self.rope = RoPE(self.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
     def nope_to_latent(self, q_nope: mx.array) -> mx.array:
         """[B, H, L, nope] -> [B, H, L, kv_lora]: q_nope_h @ W_UK_h."""
-        return self.embed_q(q_nope, transpose=not self.embed_q_latent_last)
+        return self.embed_q(q_nope, transpose=not self.kv_b_rows)
 
     def latent_to_nope(self, c: mx.array) -> mx.array:
         """[B, 1, T, kv_lora] -> [B, H, T, nope]: the expanded keys W_UK_h c."""
-        return self.embed_q(c, transpose=self.embed_q_latent_last)
+        return self.embed_q(c, transpose=self.kv_b_rows)
 
     def __call__(self, x: mx.array, mask: mx.array | None, cache=None) -> mx.array:
         B, L, _ = x.shape

@@ -8,6 +8,11 @@ import mlx.nn as nn
 from ..config import ModelConfig
 from .layers import ExpertLinear, Linear, cpu_streams
 
+# From this many (token, expert) pairs a call sorts the pairs by expert (prefill-sized); below
+# it, a decode-sized call gathers each pair and, on the CPU, splits the experts over two
+# streams. experts/switch.py follows the same rule, so the lazy path stays bit-identical.
+SORT_PAIRS = 64
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); x [..., D]."""
@@ -80,7 +85,7 @@ class SwitchGLU(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         N, k = indices.shape
         x = x[:, None, None, :]  # [N, 1, 1, D]
-        if indices.size >= 64:
+        if indices.size >= SORT_PAIRS:
             # Many (token, expert) pairs: sort by expert so each expert's rows are contiguous.
             flat = indices.flatten()
             order = mx.argsort(flat)
@@ -148,10 +153,8 @@ class MoE(nn.Module):
         y = self.switch_mlp(x, indices)  # [N, k, D]
         return (y * weights[..., None].astype(y.dtype)).sum(axis=1)  # [N, D]
 
-    split_pairs = 64  # decode-sized: fewer (token, expert) pairs than the sorted path takes
-
     def split_on_cpu(self, indices: mx.array) -> bool:
-        return mx.default_device() == mx.cpu and indices.shape[1] > 1 and indices.size < self.split_pairs
+        return mx.default_device() == mx.cpu and indices.shape[1] > 1 and indices.size < SORT_PAIRS
 
     def _two_streams(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """Decode on the CPU: the chosen experts in two halves on two CPU streams, the shared

@@ -7,9 +7,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+from ..config import YARN_TYPES, rope_type, yarn_mscale
 
 
 def rope_inv_freq(dims: int, base: float, scaling: dict | None, max_position: int) -> tuple[np.ndarray, float]:
@@ -20,7 +18,7 @@ def rope_inv_freq(dims: int, base: float, scaling: dict | None, max_position: in
     """
     pos = base ** (np.arange(0, dims, 2, dtype=np.float32) / dims)
     inv_freq = (1.0 / pos).astype(np.float32)
-    if not scaling or scaling.get("rope_type", scaling.get("type")) not in ("yarn", "deepseek_yarn"):
+    if rope_type(scaling) not in YARN_TYPES:
         return inv_freq, 1.0
 
     factor = scaling.get("factor") or max_position / scaling["original_max_position_embeddings"]

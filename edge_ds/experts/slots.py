@@ -23,11 +23,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import EdgeDSError
-from .policy import Policy
+from .policy import ExpertKey, Policy
 from .stats import ExpertStats
 from .store import ExpertStore, wait
-
-Key = tuple[int, int]  # (layer, expert)
+from .trace import TraceRecorder
 
 
 def writable_view(a: mx.array) -> np.ndarray:
@@ -55,8 +54,8 @@ class ExpertCache:
             mx.eval(a)
             self.arrays[key] = a
         self.views = {key: writable_view(a) for key, a in self.arrays.items()}
-        self.slot_of: dict[Key, int] = {}
-        self.key_in: list[Key | None] = [None] * slots
+        self.slot_of: dict[ExpertKey, int] = {}
+        self.key_in: list[ExpertKey | None] = [None] * slots
         self.free: list[int] = list(range(slots - 1, -1, -1))
         self.low: set[int] = set()  # streamed or prefetched-but-unused entries: evicted first
         self.loading: dict[int, list[Future]] = {}  # slot -> prefetch reads in flight
@@ -65,7 +64,7 @@ class ExpertCache:
         self.stream_window = max(min(slots, top_k), slots // 4)
         self.stats = ExpertStats(list(store.layers))
         self.tokens = 0  # tokens seen: the policy's clock
-        self.recorder = None  # a trace.TraceRecorder, when routing is being recorded
+        self.recorder: TraceRecorder | None = None  # set when routing is being recorded
         self._group: tuple[int, object] | None = None
 
     # --- bookkeeping of calls ---------------------------------------------------------
@@ -84,10 +83,9 @@ class ExpertCache:
                 self.stats.decode_tokens += n_tokens
         return True
 
-    def set_hints(self, hints: dict[Key, int]) -> None:
+    def set_hints(self, hints: dict[ExpertKey, int]) -> None:
         """Predicted uses of the coming layers (key -> layers ahead), for policies that take them."""
-        if hasattr(self.policy, "set_hints"):
-            self.policy.set_hints(hints)
+        self.policy.set_hints(hints)
 
     def hold(self, out: mx.array, slots: list[int]) -> None:
         """`out` was computed lazily from `slots`: keep them until it is evaluated."""
@@ -207,7 +205,7 @@ class ExpertCache:
         if not streaming:
             self.stats.decode_bytes_read += n
 
-    def _assign(self, slot: int, key: Key) -> None:
+    def _assign(self, slot: int, key: ExpertKey) -> None:
         """Gives `slot` to `key`, evicting whatever it held (its bytes are read by the caller)."""
         old = self.key_in[slot]
         if old is not None:

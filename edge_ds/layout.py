@@ -1,0 +1,208 @@
+"""Checkpoint layout: what each file and tensor name of a model directory means.
+
+The one owner of checkpoint naming. Loading, lazy experts, `info` and both converters ask
+here; a new family adds its patterns here and in its own model file.
+
+Two layouts of the same DeepSeek tensors (safetensors, `model.layers.{i}.` prefixes):
+- Hugging Face / DeepSeek: one tensor per routed expert (`mlp.experts.{e}.{proj}.weight`),
+  `self_attn.kv_b_proj.weight` [H * (nope + v), kv_lora], FP8 weights beside a
+  `weight_scale_inv` of 128x128 block scales.
+- mlx-lm (what `edge-ds convert` writes): routed experts stacked per layer
+  (`mlp.switch_mlp.{proj}.{part}`, [E, ...]), quantized weights as weight/scales/biases with a
+  `quantization` block in config.json, and for deepseek_v3/kimi_k2 kv_b_proj split into
+  `embed_q` [H, kv_lora, nope] (W_UK transposed) and `unembed_out` [H, v, kv_lora] (W_UV).
+  mlx-lm keeps deepseek_v2's kv_b_proj as it is.
+Layers numbered num_hidden_layers and up are the multi-token-prediction (MTP) module, which
+the forward pass does not use.
+
+Nothing here imports MLX: arrays are numpy or MLX alike (only reshape, slicing, transpose).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import numpy as np
+
+from .config import ModelConfig
+
+# --- files of a model directory -----------------------------------------------------------
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints: tensor name -> shard file
+WEIGHTS_GLOB = "model*.safetensors"  # the main model's shards when there is no index
+MTP_FILE = "mtp.safetensors"  # the converter's home for the MTP module (mlx-lm never reads it)
+ONNX_MANIFEST = "onnx.json"  # written by `edge-ds export-onnx`, read by the onnx backend
+
+# --- tensor names ---------------------------------------------------------------------------
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+QUANT_PARTS = ("weight", "scales", "biases")  # mlx-lm's quantized tensor; float weights have only `weight`
+FP8_SCALE_SUFFIX = "_scale_inv"  # `<name>_scale_inv` beside an FP8 `<name>`
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^(model\.layers\.(\d+)\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (None for the embedding, final norm and head)."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def is_mtp(name: str, cfg: ModelConfig) -> bool:
+    """Whether a tensor belongs to the MTP module (layers past num_hidden_layers)."""
+    layer = layer_of(name)
+    return layer is not None and layer >= cfg.num_hidden_layers
+
+
+def is_recomputed(name: str) -> bool:
+    """Tensors some checkpoints carry that edge-ds recomputes instead (RoPE's inverse frequencies)."""
+    return "rotary_emb.inv_freq" in name
+
+
+def is_fp8_scale(name: str) -> bool:
+    return name.endswith(FP8_SCALE_SUFFIX)
+
+
+def fp8_scale_of(name: str) -> str:
+    """The block-scale tensor of FP8 weight `name`."""
+    return name + FP8_SCALE_SUFFIX
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether a tensor belongs to a routed expert (stacked or per-expert naming)."""
+    return ".mlp.switch_mlp." in name or ".mlp.experts." in name
+
+
+def expert_name(layer: int, expert: int, proj: str, part: str = "weight") -> str:
+    """Hugging Face naming: one tensor per expert."""
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.{part}"
+
+
+def stacked_name(layer: int, proj: str, part: str = "weight") -> str:
+    """mlx-lm naming: all experts of a layer in one [E, ...] tensor."""
+    return f"model.layers.{layer}.mlp.switch_mlp.{proj}.{part}"
+
+
+def parse_expert(name: str) -> tuple[int, int, str, str] | None:
+    """(layer, expert, proj, part) of a per-expert tensor name, else None."""
+    m = _EXPERT.match(name)
+    return (int(m.group(2)), int(m.group(3)), m.group(4), m.group(5)) if m else None
+
+
+def stacked_of(name: str) -> str | None:
+    """The stacked name a per-expert tensor joins (None if `name` is not per-expert)."""
+    parsed = parse_expert(name)
+    return None if parsed is None else stacked_name(parsed[0], parsed[2], parsed[3])
+
+
+# --- MLA's kv_b_proj ---------------------------------------------------------------------
+# kv_b_proj's rows are, per head, nope rows of W_UK then v rows of W_UV, each kv_lora wide.
+# Splitting rows keeps a quantized kv_b_proj exact (its groups run along kv_lora).
+def kv_b_name(attn: str, part: str = "weight") -> str:
+    return f"{attn}.kv_b_proj.{part}"
+
+
+def split_kv_b(w: Any, cfg: ModelConfig) -> tuple[Any, Any]:
+    """kv_b_proj [H * (nope + v), cols] -> (W_UK rows [H, nope, cols], W_UV [H, v, cols]);
+    cols is kv_lora for a float weight, or the packed/group columns of its quantized parts."""
+    nope = cfg.qk_nope_head_dim
+    w = w.reshape(cfg.num_attention_heads, nope + cfg.v_head_dim, w.shape[-1])
+    return w[:, :nope], w[:, nope:]
+
+
+def merge_kv_b(w_uk_rows: Any, w_uv: Any) -> Any:
+    """The inverse of split_kv_b for numpy arrays: [H, nope, c] and [H, v, c] -> [H * (nope + v), c]."""
+    return np.concatenate([w_uk_rows, w_uv], axis=1).reshape(-1, w_uk_rows.shape[-1])
+
+
+def split_kv_b_names(attn: str) -> tuple[str, str]:
+    """mlx-lm's names for the halves of `attn`.kv_b_proj: (embed_q, unembed_out)."""
+    return f"{attn}.embed_q", f"{attn}.unembed_out"
+
+
+def kv_b_as_rows(names: Iterable[str]) -> bool:
+    """Whether a checkpoint keeps kv_b_proj whole (Hugging Face, or mlx-lm's deepseek_v2): the
+    runtime then holds W_UK as its rows [H, nope, kv_lora] (exact for quantized weights) instead
+    of mlx-lm's embed_q [H, kv_lora, nope]."""
+    return any(n.endswith(".self_attn.kv_b_proj.weight") for n in names)
+
+
+# --- quantization ---------------------------------------------------------------------------
+def quantization_for(cfg: ModelConfig, path: str) -> dict | None:
+    """mlx-lm's quantization of module `path` (e.g. "model.layers.3.mlp.switch_mlp.up_proj"):
+    config.json's global group_size/bits/mode with any per-module override on top; None when
+    the model or that module is not quantized. config.py has validated the block."""
+    q = cfg.quantization
+    if q is None:
+        return None
+    override = q.get(path)
+    if override is False:
+        return None
+    out = {"group_size": q.get("group_size"), "bits": q.get("bits"), "mode": q.get("mode", "affine")}
+    if isinstance(override, dict):
+        out.update({k: override[k] for k in ("group_size", "bits", "mode") if k in override})
+    return out
+
+
+def is_quantized(weight: str, names: Iterable[str] | set[str]) -> bool:
+    """Whether `<module>.weight` is stored quantized (it has `<module>.scales` beside it)."""
+    return weight.removesuffix("weight") + "scales" in names
+
+
+def quantizable(name: str, shape: tuple, group_size: int) -> bool:
+    """mlx-lm's rule for what to quantize: weights of linear layers (incl. stacked experts and
+    per-head stacks) and the embedding whose rows split into whole groups. The router
+    (mlp.gate) and norms stay in floating point."""
+    if not name.endswith(".weight") or len(shape) < 2 or shape[-1] % group_size:
+        return False
+    return not (name.endswith("mlp.gate.weight") or "norm" in name.rsplit(".", 2)[-2])
+
+
+# --- expected tensors -----------------------------------------------------------------------
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the main model in the Hugging Face layout, with the shape config.json
+    implies (MTP layers excluded)."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    r, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+
+    def linear(name: str, out: int, inp: int, bias: bool = False) -> None:
+        shapes[f"{name}.weight"] = (out, inp)
+        if bias:
+            shapes[f"{name}.bias"] = (out,)
+
+    def mlp(prefix: str, inter: int) -> None:
+        linear(f"{prefix}.gate_proj", inter, D)
+        linear(f"{prefix}.up_proj", inter, D)
+        linear(f"{prefix}.down_proj", D, inter)
+
+    bias = cfg.attention_bias
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        a = p + ".self_attn"
+        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = (D,)
+        if cfg.q_lora_rank is None:
+            linear(f"{a}.q_proj", H * cfg.qk_head_dim, D)
+        else:
+            linear(f"{a}.q_a_proj", cfg.q_lora_rank, D, bias)
+            shapes[f"{a}.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+            linear(f"{a}.q_b_proj", H * cfg.qk_head_dim, cfg.q_lora_rank)
+        linear(f"{a}.kv_a_proj_with_mqa", r + rope, D, bias)
+        shapes[f"{a}.kv_a_layernorm.weight"] = (r,)
+        linear(f"{a}.kv_b_proj", H * (cfg.qk_nope_head_dim + cfg.v_head_dim), r)
+        linear(f"{a}.o_proj", D, H * cfg.v_head_dim, bias)
+        if cfg.is_moe_layer(i):
+            E = cfg.n_routed_experts
+            shapes[f"{p}.mlp.gate.weight"] = (E, D)
+            if cfg.topk_method == "noaux_tc":
+                shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (E,)
+            for e in range(E):
+                mlp(f"{p}.mlp.experts.{e}", cfg.moe_intermediate_size)
+            if cfg.n_shared_experts:
+                mlp(f"{p}.mlp.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts)
+        else:
+            mlp(f"{p}.mlp", cfg.intermediate_size)
+    return shapes
