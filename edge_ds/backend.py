@@ -18,14 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import mlx.core as mx
+
+from .cache import PromptCache
 from .config import ModelConfig
-
-if TYPE_CHECKING:  # type names only: the interface itself does not load MLX
-    import mlx.core as mx
-
-    from .cache import PromptCache
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,11 @@ class Backend(Protocol):
     device: str  # where it computes, in words (bench reports it)
     experts: Any  # the lazy expert cache (experts.ExpertCache), or None when every expert is resident
 
-    def __call__(self, tokens: "mx.array", cache: "PromptCache | None" = None) -> "mx.array":
+    def __call__(self, tokens: mx.array, cache: PromptCache | None = None) -> mx.array:
         """int token ids [B, L] -> float logits [B, L, V]. With a cache, the new tokens follow what
         it holds and are appended to it; only the last position's logits need be right."""
 
-    def make_cache(self) -> "PromptCache":
+    def make_cache(self) -> PromptCache:
         """An empty cache for one sequence."""
 
     def reset_peak_memory(self) -> None:

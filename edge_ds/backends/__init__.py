@@ -1,4 +1,7 @@
-"""The backends: one module each, found by name (see edge_ds/backend.py for what a module offers)."""
+"""The backends: one module each, found by name (see edge_ds/backend.py for what a module offers).
+
+Light on purpose: the CLI lists the names without loading MLX or any backend's library.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,12 @@ import importlib
 import pkgutil
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..backend import Backend, ExpertOptions
 from ..errors import OptionError
+
+if TYPE_CHECKING:
+    from ..backend import Backend, ExpertOptions
 
 DEFAULT = "mlx"  # reads every model directory edge-ds writes or reads, on every platform
 
