@@ -1,6 +1,6 @@
 """Builds the ~450M-parameter DeepSeek-V3-shaped benchmark checkpoint (random weights, seed 0).
 
-Same recipe as shared/reference/benchmarks.md, so figures compare with the anchors there.
+Shaped like the model the reference anchors in the README (Measured) were taken on, so figures compare.
 Needs the dev extra (torch, transformers, tokenizers). Output: DIR/hf (bfloat16 safetensors
 plus a 32000-entry byte-level BPE tokenizer.json, so mlx-lm can load it too).
 """

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .api import LanguageModel
+from .backend import Backend
+
 
 @dataclass
 class Perplexity:
@@ -24,7 +27,7 @@ def split_windows(ids: list[int], window: int) -> list[list[int]]:
     return [ids[i:i + window + 1] for i in range(0, len(ids) - 1, window)]
 
 
-def window_nll(model, windows: list[list[int]], batch: int = 8) -> tuple[float, int]:
+def window_nll(model: Backend, windows: list[list[int]], batch: int = 8) -> tuple[float, int]:
     """Sum of -log p(token | window prefix) over all windows, and the count of predicted tokens."""
     total, count = 0.0, 0
     by_length: dict[int, list[list[int]]] = {}
@@ -41,7 +44,7 @@ def window_nll(model, windows: list[list[int]], batch: int = 8) -> tuple[float, 
     return total, count
 
 
-def perplexity(lm, text: str, window: int = 256, batch: int = 8) -> Perplexity:
+def perplexity(lm: LanguageModel, text: str, window: int = 256, batch: int = 8) -> Perplexity:
     """Perplexity of `text` (encoded with BOS, as one sequence) under a loaded LanguageModel."""
     ids = lm.tokenizer.encode(text)
     nll, count = window_nll(lm.backend, split_windows(ids, window), batch)

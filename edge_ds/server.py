@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
+from .api import LanguageModel
 from .errors import ContextLengthError, EdgeDSError
 from .openai_schema import (Reply, RequestError, Result, parse_messages, parse_options, parse_prompt,
                             parse_stream)
@@ -84,7 +85,7 @@ def model_thread() -> _ModelThread:
 class ModelWorker:
     """Runs one server's jobs on the model thread, in arrival order, and keeps its prompt cache."""
 
-    def __init__(self, lm, prompt_cache: bool = True, log: Callable[[str], None] | None = None):
+    def __init__(self, lm: LanguageModel, prompt_cache: bool = True, log: Callable[[str], None] | None = None):
         self.lm = lm
         self.prompt_cache = prompt_cache
         self.last: Result | None = None  # the last finished job's result
@@ -389,7 +390,7 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True  # a handler waiting on a slow client never blocks exit
 
-    def __init__(self, address: tuple[str, int], lm, model_id: str, prompt_cache: bool, quiet: bool):
+    def __init__(self, address: tuple[str, int], lm: LanguageModel, model_id: str, prompt_cache: bool, quiet: bool):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -443,7 +444,7 @@ class Server(ThreadingHTTPServer):
         sys.stderr.write(f"edge-ds serve: {line}\n")
 
 
-def make_server(lm, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,
+def make_server(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,
                 prompt_cache: bool = True, quiet: bool = False) -> Server:
     """A server for the loaded model `lm` bound to host:port (port 0: any free port), not yet serving.
 
@@ -456,7 +457,7 @@ def make_server(lm, host: str = "127.0.0.1", port: int = 8080, model_id: str | N
         raise EdgeDSError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
-def serve(lm, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,
+def serve(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,
           on_ready: Callable[[Server], None] | None = None, **options: Any) -> None:
     """Serves until Ctrl-C or SIGTERM, then stops generation and closes the socket."""
     server = make_server(lm, host, port, model_id, **options)
