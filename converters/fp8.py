@@ -4,7 +4,7 @@ Weights are float8_e4m3fn with one float32 `scale_inv` per 128x128 block:
 w[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128]. The block size is the fixed
 128 of the checkpoint format; it is never inferred from the shapes, because for
 ragged shapes (rows not a multiple of 128) rows / scale_rows is not the block size
-(transformers makes that mistake, see shared/reference/deepseek-format.md).
+(transformers infers it that way and so gets ragged shapes wrong).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from edge_ds.checkpoint import Checkpoint
 from edge_ds.errors import EdgeDSError
+from edge_ds.layout import fp8_scale_of
 
 BLOCK = 128
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -137,13 +139,13 @@ def quantize_activations_fp8(
     return t.astype(FP8).reshape(x.shape), scale.reshape(*lead, n_tiles)
 
 
-def read_float32(ckpt, name: str) -> np.ndarray:
+def read_float32(ckpt: Checkpoint, name: str) -> np.ndarray:
     """Tensor `name` of a Checkpoint as float32; an FP8 tensor is block-dequantized with its
-    `<name>_scale_inv`, which must be there."""
+    block-scale tensor (`<name>_scale_inv`), which must be there."""
     info = ckpt.info(name)
     w = ckpt.read(name)
     if info.dtype == "F8_E4M3":
-        scale = name + "_scale_inv"
+        scale = fp8_scale_of(name)
         if scale not in ckpt:
             raise EdgeDSError(f"{info.path}: FP8 tensor '{name}' has no '{scale}'")
         w = dequantize_fp8_blocks(w, ckpt.read(scale).astype(np.float32), name=name)

@@ -1,4 +1,5 @@
-"""Writing a converter's output so that DST appears complete or not at all."""
+"""What the converters share: writing their output so that DST appears complete or not at all,
+the progress callback, the error for a tensor the checkpoint lacks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from edge_ds import layout
+from edge_ds.checkpoint import Checkpoint
+from edge_ds.errors import EdgeDSError
+
+# A converter's progress callback: (units done, units in all, what it is working on).
+Progress = Callable[[int, int, str], None]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json",
@@ -15,12 +23,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def check_paths(src: Path, dst: Path) -> None:
     """SRC must be a directory and DST must not exist yet (a converter never overwrites)."""
-    from edge_ds.errors import EdgeDSError
-
     if not src.is_dir():
         raise EdgeDSError(f"{src}: not a directory")
     if dst.exists():
         raise EdgeDSError(f"{dst}: already exists; choose a new output directory")
+
+
+def missing_tensor(ckpt: Checkpoint, name: str) -> EdgeDSError:
+    """The error for tensor `name`, which config.json implies and `ckpt` lacks (an expert's says which)."""
+    expert = layout.parse_expert(name)
+    which = "" if expert is None else f"expert {expert[1]} of layer {expert[0]}: "
+    return EdgeDSError(f"{ckpt.directory}: {which}tensor '{name}' is missing from the checkpoint")
 
 
 @contextmanager

@@ -331,15 +331,15 @@ def test_chat_turns_reuse_the_cache(lm_dir):
 
 
 def test_default_backend_rule(lm_dir, monkeypatch):
-    from edge_ds import api
+    from edge_ds import backends
 
-    monkeypatch.setattr(api.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(api.platform, "machine", lambda: "x86_64")
-    assert api.default_backend(lm_dir) == "onnx"
-    assert api.default_backend(lm_dir.parent / "hf") == "mlx"
-    monkeypatch.setattr(api.platform, "system", lambda: "Darwin")
-    monkeypatch.setattr(api.platform, "machine", lambda: "arm64")
-    assert api.default_backend(lm_dir) == "mlx"
+    monkeypatch.setattr(backends.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(backends.platform, "machine", lambda: "x86_64")
+    assert backends.default_backend(lm_dir) == "onnx"
+    assert backends.default_backend(lm_dir.parent / "hf") == "mlx"
+    monkeypatch.setattr(backends.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(backends.platform, "machine", lambda: "arm64")
+    assert backends.default_backend(lm_dir) == "mlx"
 
 
 def test_cli_generate_with_onnx_backend(lm_dir):
@@ -356,6 +356,20 @@ def _nan_source(src: Path, dst: Path) -> str:
     tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = np.nan
     _save_safetensors(tensors, dst / "model.safetensors")
     return "model.layers.1.self_attn.o_proj.weight"
+
+
+def test_attention_bias_is_refused_before_writing(zoo, tmp_path):
+    """The graph has no attention biases: a model with them is refused, not exported wrong."""
+    import shutil
+
+    src = tmp_path / "biased"
+    shutil.copytree(zoo.hf("v3").path, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["attention_bias"] = True
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgeDSError, match="config.json.*attention_bias"):
+        export_onnx(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["biased"]
 
 
 def test_bad_input_fails_with_one_line_and_writes_nothing(zoo, tmp_path):
@@ -379,7 +393,7 @@ def test_bad_runtime_input(lm_dir, tmp_path):
         lm.logits([[300]])
     with pytest.raises(EdgeDSError, match="max_position_embeddings"):
         lm.generate(list(range(1, 60)), max_tokens=10)
-    with pytest.raises(EdgeDSError, match="expert-budget"):
+    with pytest.raises(EdgeDSError, match="expert_budget"):  # the library names the argument; the CLI its flag
         edge_ds.load(lm_dir, backend="onnx", expert_budget="50%")
     with pytest.raises(EdgeDSError, match="onnx.json"):
         OnnxModel(lm_dir.parent / "hf")

@@ -11,25 +11,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import onnx
 
+from edge_ds import layout
 from edge_ds.checkpoint import Checkpoint
 from edge_ds.config import ModelConfig
-from edge_ds.errors import EdgeDSError
+from edge_ds.errors import EdgeDSError, OptionError
 
-from ..staging import check_paths, staged_output
+from ..staging import Progress, check_paths, staged_output
 from .graph import build_model, io_names
 from .quant import BlockQuant
 from .sources import open_reader
 
-MANIFEST = "onnx.json"
+MANIFEST = layout.ONNX_MANIFEST
 MODEL = "model.onnx"
 EXTERNAL_DATA = "model.onnx.data"
 EXTERNAL_ABOVE = 1 << 30  # protobuf caps a file at 2 GB; go external well before
-
-Progress = Callable[[int, int, str], None]
 
 
 def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, accuracy_level: int = 4,
@@ -37,18 +35,21 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
     """Exports SRC into a new directory DST; SRC is only read."""
     src, dst = Path(src), Path(dst)
     if bits not in (4, 8):
-        raise EdgeDSError(f"--bits must be 4 or 8, got {bits}")
+        raise OptionError("bits", f"{{option}} must be 4 or 8, got {bits}")
     if block_size not in (32, 64, 128):
-        raise EdgeDSError(f"--block-size must be 32, 64 or 128, got {block_size}")
+        raise OptionError("block_size", f"{{option}} must be 32, 64 or 128, got {block_size}")
     if accuracy_level not in (0, 4):
-        raise EdgeDSError(f"--accuracy-level must be 0 or 4, got {accuracy_level}")
+        raise OptionError("accuracy_level", f"{{option}} must be 0 or 4, got {accuracy_level}")
     check_paths(src, dst)
     cfg = ModelConfig.load(src)
+    if cfg.attention_bias:
+        raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: attention_bias is true, but the ONNX graph has no "
+                          f"attention biases, so this model cannot be exported to ONNX")
     if cfg.n_routed_experts is not None:
         for name, width in (("hidden_size", cfg.hidden_size), ("moe_intermediate_size", cfg.moe_intermediate_size)):
             if width % block_size:
-                raise EdgeDSError(f"{src}/config.json: {name} ({width}) must be a multiple of --block-size "
-                                  f"({block_size}) for onnxruntime's QMoE")
+                raise OptionError("block_size", f"{src}/{layout.CONFIG_FILE}: {name} ({width}) must be a multiple "
+                                                f"of {{option}} ({block_size}) for onnxruntime's QMoE")
     quant = BlockQuant(bits, block_size, accuracy_level)
 
     ckpt = Checkpoint(src)
@@ -64,7 +65,7 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
                             location=EXTERNAL_DATA, size_threshold=1024)
             onnx.checker.check_model(str(tmp / MODEL))
             cfg.quantization = None  # an MLX source's block: the ONNX weights carry their own
-            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (tmp / layout.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
             manifest = {"format": "edge-ds-onnx-v1", "model_type": cfg.model_type, "file": MODEL,
                         "external_data": EXTERNAL_DATA if external else None,
                         "quantization": {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,

@@ -15,9 +15,11 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import onnx
 from onnx import TensorProto
 
 from edge_ds.config import ModelConfig
+from edge_ds.layout import kv_b_name, split_kv_b
 from edge_ds.models.rope import rope_inv_freq
 
 from .builder import MS, GraphBuilder
@@ -74,7 +76,7 @@ class DecoderGraph:
         return self.g.op("RotaryEmbedding", [x, self.cos, self.sin, "position_ids"], "rope", interleaved=1)
 
     # --- the model ----------------------------------------------------------------------
-    def build(self):
+    def build(self) -> GraphBuilder:
         cfg, g = self.cfg, self.g
         D = cfg.latent_dim
         g.input("input_ids", INT64, ["batch", "seq"])
@@ -151,9 +153,9 @@ class DecoderGraph:
         new = g.op("Unsqueeze", [g.op("Concat", [c, k_pe], axis=-1), g.ints(1)], p + ".latent")  # [B, 1, S, r + rope]
         latent = g.op("Concat", [past, new], p + ".present", axis=2)  # [B, 1, T, r + rope]
 
-        kv_b = self.read(p + ".kv_b_proj.weight").reshape(H, nope + v, r)
-        w_uk = np.ascontiguousarray(kv_b[:, :nope] * np.float32(cfg.softmax_scale))  # [H, nope, r], scale folded in
-        w_uv = np.ascontiguousarray(kv_b[:, nope:].transpose(0, 2, 1))  # [H, r, v]
+        w_uk, w_uv = split_kv_b(self.read(kv_b_name(p)), cfg)  # [H, nope, r], [H, v, r]
+        w_uk = np.ascontiguousarray(w_uk * np.float32(cfg.softmax_scale))  # scale folded in
+        w_uv = np.ascontiguousarray(w_uv.transpose(0, 2, 1))  # [H, r, v]
         q_lat = g.op("MatMul", [q_nope, g.const(w_uk, p + ".w_uk")], p + ".q_latent")  # [B, H, S, r]
         q_pe = g.op("Mul", [self.rope(q_pe), g.scalar(cfg.softmax_scale)])
         query = g.op("Concat", [q_lat, q_pe], axis=-1)  # [B, H, S, r + rope]
@@ -237,6 +239,6 @@ class DecoderGraph:
                 g.const(np.stack(fc2), p + ".fc2.qweight"), g.const(np.stack(fc2_s), p + ".fc2.scales"))
 
 
-def build_model(cfg: ModelConfig, read: Read, quant: BlockQuant):
+def build_model(cfg: ModelConfig, read: Read, quant: BlockQuant) -> onnx.ModelProto:
     """The ONNX ModelProto for a checkpoint (tensors fetched one at a time through `read`)."""
     return DecoderGraph(cfg, read, quant).build().model(doc=f"edge-ds export of a {cfg.model_type} model")

@@ -48,12 +48,3 @@ def quantize_blocks(w: np.ndarray, q: BlockQuant) -> tuple[np.ndarray, np.ndarra
         ints = ints[..., 0::2] | (ints[..., 1::2] << 4)
     return np.ascontiguousarray(ints), scales
 
-
-def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """The inverse of quantize_blocks: -> float32 [..., N, k]."""
-    if bits == 4:
-        ints = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    else:
-        ints = packed
-    w = (ints.astype(np.float32) - (1 << (bits - 1))) * scales[..., None]
-    return w.reshape(*w.shape[:-2], -1)[..., :k]
