@@ -17,6 +17,7 @@ import click
 
 from . import backends
 from .errors import EdgeDSError, OptionError
+from .options import SamplingOptions
 
 # The flag for each library argument that OptionError may name.
 FLAGS = {
@@ -72,6 +73,7 @@ def sampling_options(f):
                               top_k=kw.pop("top_k"), min_p=kw.pop("min_p"),
                               repetition_penalty=kw.pop("repetition_penalty"), seed=kw.pop("seed"),
                               stop=list(kw.pop("stop")))
+        SamplingOptions(**kw["sampling"])  # the API checks them again; here, before a model is loaded
         return f(*args, **kw)
 
     return wrapper
