@@ -10,8 +10,9 @@ from typing import Any
 
 from .errors import EdgeDSError
 
-# kimi_k2 is deepseek_v3 with more experts; Moonlight ships as deepseek_v3.
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+# kimi_k2 is deepseek_v3 with more experts; Moonlight ships as deepseek_v3; deepseek_v32 is
+# deepseek_v3 plus DeepSeek Sparse Attention (a Lightning Indexer per layer).
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 YARN_TYPES = ("yarn", "deepseek_yarn")
@@ -62,6 +63,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     num_nextn_predict_layers: int = 0
+    index_n_heads: int | None = None  # deepseek_v32's Lightning Indexer: heads, head width, tokens kept
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     quantization: dict | None = None  # mlx-lm's block: group_size, bits, mode (+ per-path overrides)
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -72,8 +76,18 @@ class ModelConfig:
 
     @property
     def latent_dim(self) -> int:
-        """Values cached per token per layer: normalised c_kv plus the roped k_pe."""
+        """Latent values per token per layer: normalised c_kv plus the roped k_pe."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def sparse_attention(self) -> bool:
+        """DeepSeek Sparse Attention: each query attends to the index_topk rows its indexer picks."""
+        return self.index_topk is not None
+
+    @property
+    def cache_row_dim(self) -> int:
+        """Values cached per token per layer: the latent, plus the indexer's key with sparse attention."""
+        return self.latent_dim + (self.index_head_dim if self.sparse_attention else 0)
 
     @property
     def softmax_scale(self) -> float:
@@ -104,6 +118,9 @@ class ModelConfig:
                 out[name] = getattr(self, name)
         if self.quantization is None:
             out.pop("quantization", None)
+        if not self.sparse_attention:
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                out.pop(name, None)
         out.pop("rope_parameters", None)  # normalised into rope_scaling + rope_theta
         out.pop("quantization_config", None)  # FP8 is dequantized by the converter
         return out
@@ -168,6 +185,9 @@ class ModelConfig:
             tie_word_embeddings=opt("tie_word_embeddings", False, bool),
             attention_bias=opt("attention_bias", False, bool),
             num_nextn_predict_layers=opt("num_nextn_predict_layers", 0),
+            index_n_heads=need("index_n_heads") if model_type == "deepseek_v32" else None,
+            index_head_dim=need("index_head_dim") if model_type == "deepseek_v32" else None,
+            index_topk=need("index_topk") if model_type == "deepseek_v32" else None,
             quantization=opt("quantization", None, dict),
             raw=dict(d),
         )
@@ -200,6 +220,15 @@ class ModelConfig:
             fail(f"field 'qk_rope_head_dim' must be a positive even number, got {self.qk_rope_head_dim}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             fail(f"field 'q_lora_rank' must be positive or null, got {self.q_lora_rank}")
+        if self.sparse_attention:
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                if getattr(self, name) <= 0:
+                    fail(f"field '{name}' must be positive, got {getattr(self, name)}")
+            if self.q_lora_rank is None:
+                fail("field 'q_lora_rank': deepseek_v32's indexer reads the query latent, so it must be set")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                fail(f"field 'index_head_dim' ({self.index_head_dim}) must be at least qk_rope_head_dim "
+                     f"({self.qk_rope_head_dim}): the indexer ropes that many of its dims")
         if self.topk_method not in TOPK_METHODS:
             fail(f"field 'topk_method' must be one of {TOPK_METHODS}, got {self.topk_method!r}")
         if self.scoring_func not in SCORING_FUNCS:

@@ -9,7 +9,8 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .loading import compute_dtype
 
-FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2": "Kimi-K2"}
+FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2": "Kimi-K2",
+            "deepseek_v32": "DeepSeek-V3.2"}
 
 
 def model_info(directory: str | Path) -> dict:
@@ -51,7 +52,7 @@ def model_info(directory: str | Path) -> dict:
         "bits_per_weight": round(weight_bytes * 8 / max(total, 1), 3),
         "quantization": cfg.quantization,
         "size_on_disk_bytes": size,
-        "cache_bytes_per_token": cfg.num_hidden_layers * cfg.latent_dim * dtype.size,
+        "cache_bytes_per_token": cfg.num_hidden_layers * cfg.cache_row_dim * dtype.size,
         "cache_dtype": str(dtype).replace("mlx.core.", ""),
         "max_position_embeddings": cfg.max_position_embeddings,
     }

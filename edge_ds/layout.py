@@ -194,6 +194,12 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{a}.kv_a_layernorm.weight"] = (r,)
         linear(f"{a}.kv_b_proj", H * (cfg.qk_nope_head_dim + cfg.v_head_dim), r)
         linear(f"{a}.o_proj", D, H * cfg.v_head_dim, bias)
+        if cfg.sparse_attention:
+            x = f"{a}.indexer"
+            linear(f"{x}.wq_b", cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank)
+            linear(f"{x}.wk", cfg.index_head_dim, D)
+            shapes[f"{x}.k_norm.weight"] = shapes[f"{x}.k_norm.bias"] = (cfg.index_head_dim,)
+            linear(f"{x}.weights_proj", cfg.index_n_heads, D)
         if cfg.is_moe_layer(i):
             E = cfg.n_routed_experts
             shapes[f"{p}.mlp.gate.weight"] = (E, D)

@@ -1,7 +1,10 @@
-"""Tokenizer loading (tokenizer.json or tokenizer.model), chat templates and streaming decode."""
+"""Tokenizer loading (tokenizer.json, tokenizer.model or tiktoken.model), chat templates and streaming decode."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
 import json
 import re
 from datetime import datetime
@@ -12,6 +15,26 @@ from .errors import EdgeDSError
 
 _REPLACEMENT = "\ufffd"
 _SPACE_PIECE = "\u2581"  # sentencepiece's "▁"
+
+# Kimi-K2's pre-tokenizer split: TikTokenTokenizer.pat_str in tokenization_kimi.py of
+# huggingface.co/moonshotai/Kimi-K2-Instruct. Rust regex syntax (\p{Han}, && class intersection) that
+# tiktoken compiles; Python's re cannot.
+KIMI_PATTERN = "|".join([
+    r"[\p{Han}]+",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
+# Kimi reserves the ids right after the BPE ranks for special tokens (num_reserved_special_tokens).
+KIMI_RESERVED_IDS = 256
+# tiktoken's regex runs out of backtracking stack on very long runs; Kimi's tokenizer cuts runs of
+# whitespace or non-whitespace at this length before encoding, and so do we.
+_MAX_RUN = 25_000
+_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_MAX_RUN + 1, _MAX_RUN + 1))
 
 
 def _read_json(path: Path) -> dict:
@@ -50,6 +73,8 @@ def _id_list(value: Any, path: Path, field: str) -> list[int]:
 class _HFBackend:
     """tokenizer.json through the `tokenizers` library."""
 
+    adds_bos = True  # when tokenizer_config.json does not say
+
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -77,6 +102,8 @@ class _HFBackend:
 
 class _SPBackend:
     """tokenizer.model through sentencepiece, plus added tokens from tokenizer_config.json."""
+
+    adds_bos = True  # when tokenizer_config.json does not say
 
     def __init__(self, path: Path, added: dict[int, tuple[str, bool]]) -> None:
         import sentencepiece as spm
@@ -165,6 +192,144 @@ class _SPBackend:
         return None
 
 
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken ranks file ("<base64 token> <rank>" per line) as {token bytes: rank}."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise EdgeDSError(f"{path}: cannot read ({e})") from e
+    ranks: dict[bytes, int] = {}
+    line_of: dict[int, int] = {}  # rank -> 1-based line number
+    for number, raw in enumerate(lines, 1):
+        fields = raw.decode("latin-1").split()
+        if not fields:
+            continue  # tiktoken's own loader skips blank lines too
+
+        def bad(what: str) -> EdgeDSError:
+            return EdgeDSError(f"{path}: line {number}: {what}")
+
+        if len(fields) != 2:
+            raise bad("expected '<base64 token> <rank>'")
+        try:
+            token = base64.b64decode(fields[0], validate=True)
+        except (binascii.Error, ValueError):
+            raise bad(f"token {fields[0][:40]!r} is not valid base64") from None
+        if not token:
+            raise bad("empty token")
+        if not (fields[1].isascii() and fields[1].isdigit()):
+            raise bad(f"rank {fields[1][:40]!r} is not a non-negative integer")
+        rank = int(fields[1])
+        if rank in line_of:
+            raise bad(f"rank {rank} is already given on line {line_of[rank]}")
+        if token in ranks:
+            raise bad(f"token {fields[0]!r} is already given on line {line_of[ranks[token]]}")
+        ranks[token] = rank
+        line_of[rank] = number
+    if not ranks:
+        raise EdgeDSError(f"{path}: no tokens")
+    top = max(line_of)
+    if top >= len(ranks):
+        raise EdgeDSError(f"{path}: line {line_of[top]}: rank {top} leaves a gap ({len(ranks)} tokens "
+                          f"must have ranks 0..{len(ranks) - 1})")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise EdgeDSError(f"{path}: byte 0x{missing[0]:02x} has no token (a byte-level BPE ranks file "
+                          "ranks all 256 single bytes)")
+    return ranks
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's byte -> printable character table, in which byte-level vocabularies spell tokens."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+_BYTE_TO_CHAR = _byte_alphabet()
+_CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_TO_CHAR)}
+
+
+def _cut_long_runs(text: str) -> list[str]:
+    """text in pieces with no run of more than _MAX_RUN (non-)whitespace characters (Kimi's cut)."""
+    cuts = [c for m in _LONG_RUN.finditer(text) for c in range(m.start() + _MAX_RUN, m.end(), _MAX_RUN)]
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+class _TiktokenBackend:
+    """tiktoken.model through `tiktoken` with Kimi-K2's split pattern and special-token layout."""
+
+    adds_bos = False  # Kimi's tokenizer never prepends BOS itself
+
+    def __init__(self, path: Path, added: dict[int, tuple[str, bool]], config_path: Path) -> None:
+        import tiktoken
+
+        ranks = _read_ranks(path)
+        n = len(ranks)
+        low = [i for i in added if i < n]
+        if low:
+            raise EdgeDSError(f"{config_path}: added_tokens_decoder id {low[0]} is a BPE token of {path} "
+                              f"(special tokens start at {n})")
+        # Kimi's rule: ids n .. n+255 are all special tokens, named by added_tokens_decoder or else
+        # <|reserved_token_{id}|>. Added ids past that range extend it.
+        top = max([n + KIMI_RESERVED_IDS, *(i + 1 for i in added)])
+        names = {i: added[i][0] if i in added else f"<|reserved_token_{i}|>" for i in range(n, top)}
+        self._special_ids: dict[str, int] = {}
+        for i, content in names.items():
+            if content in self._special_ids:
+                raise EdgeDSError(f"{config_path}: added_tokens_decoder gives {content!r} to ids "
+                                  f"{self._special_ids[content]} and {i}")
+            self._special_ids[content] = i
+        # Reserved ids are special; named ones as tokenizer_config.json says (tool-call markers are not).
+        self._skip = {i for i in names if i not in added or added[i][1]}
+        self._ranks = ranks
+        self._n = n
+        self._bytes = [b""] * top  # id -> the bytes it decodes to
+        for token, rank in ranks.items():
+            self._bytes[rank] = token
+        for i, content in names.items():
+            self._bytes[i] = content.encode("utf-8")
+        try:
+            self._enc = tiktoken.Encoding(name=path.name, pat_str=KIMI_PATTERN, mergeable_ranks=ranks,
+                                          special_tokens=self._special_ids)
+        except ValueError as e:
+            raise EdgeDSError(f"{path}: cannot build a tiktoken encoding ({e})") from e
+        self.vocab_size = top
+        self.default_bos = self._special_ids.get("[BOS]")
+        self.default_eos = self._special_ids.get("[EOS]")
+
+    def encode(self, text: str) -> list[int]:
+        # Special tokens written in the text become their ids, as with the other backends and
+        # Kimi's own encode (allowed_special="all").
+        return [i for piece in _cut_long_runs(text) for i in self._enc.encode(piece, allowed_special="all")]
+
+    def decode_bytes(self, ids: list[int], skip_special: bool) -> bytes:
+        """The raw bytes of ids; ids past the vocabulary give nothing."""
+        table = self._bytes
+        return b"".join(table[i] for i in ids
+                        if 0 <= i < len(table) and not (skip_special and i in self._skip))
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        return self.decode_bytes(ids, skip_special).decode("utf-8", "replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        """Special tokens by content; BPE tokens spelled in GPT-2's byte alphabet (as HF shows them)."""
+        if token in self._special_ids:
+            return self._special_ids[token]
+        try:
+            return self._ranks.get(bytes(_CHAR_TO_BYTE[c] for c in token))
+        except KeyError:
+            return None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if not 0 <= token_id < len(self._bytes):
+            return None
+        if token_id >= self._n:
+            return self._bytes[token_id].decode("utf-8")
+        return "".join(_BYTE_TO_CHAR[b] for b in self._bytes[token_id])
+
+
 def _added_tokens(config: dict, path: Path) -> dict[int, tuple[str, bool]]:
     """tokenizer_config.json's added_tokens_decoder as {id: (content, special)}."""
     raw = config.get("added_tokens_decoder") or {}
@@ -230,7 +395,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
-        """Load from a model directory (tokenizer.json, else tokenizer.model, plus optional configs)."""
+        """Load from a model directory (tokenizer.json, else tokenizer.model, else tiktoken.model, plus
+        optional configs)."""
         d = Path(directory)
         if not d.is_dir():
             raise EdgeDSError(f"{d}: not a directory")
@@ -242,8 +408,11 @@ class Tokenizer:
             backend: Any = _HFBackend(d / "tokenizer.json")
         elif (d / "tokenizer.model").is_file():
             backend = _SPBackend(d / "tokenizer.model", _added_tokens(tcfg, tcfg_path))
+        elif (d / "tiktoken.model").is_file():
+            # Kimi-K2; its tokenization_kimi.py is never imported, only its rules are in _TiktokenBackend.
+            backend = _TiktokenBackend(d / "tiktoken.model", _added_tokens(tcfg, tcfg_path), tcfg_path)
         else:
-            raise EdgeDSError(f"{d}: no tokenizer.json or tokenizer.model found")
+            raise EdgeDSError(f"{d}: no tokenizer.json, tokenizer.model or tiktoken.model found")
 
         def check_id(token_id: int, path: Path, field: str) -> int:
             if not 0 <= token_id < backend.vocab_size:
@@ -288,7 +457,7 @@ class Tokenizer:
 
         add_bos = tcfg.get("add_bos_token")
         if add_bos is None:
-            add_bos = bos_id is not None
+            add_bos = bos_id is not None and backend.adds_bos
         elif not isinstance(add_bos, bool):
             raise EdgeDSError(f"{tcfg_path}: add_bos_token must be true or false, got {add_bos!r}")
 
@@ -348,6 +517,8 @@ class Tokenizer:
         return self.encode(text, add_bos=not has_bos)
 
     def detokenizer(self) -> "StreamingDetokenizer":
+        if hasattr(self._backend, "decode_bytes"):
+            return ByteStreamingDetokenizer(self)
         return StreamingDetokenizer(self)
 
 
@@ -411,4 +582,31 @@ class StreamingDetokenizer:
         self._ids, self._read, self._prefix_text = [], 0, ""
         if chunk:
             self._chunks.append(chunk)
+        return chunk
+
+
+class ByteStreamingDetokenizer(StreamingDetokenizer):
+    """Streaming decode for byte-level tokens (tiktoken): each token's bytes go through an
+    incremental UTF-8 decoder, which holds back exactly the bytes of an unfinished character and
+    yields what one decode of all the bytes would (U+FFFD only for bytes that are invalid)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        super().__init__(tokenizer, skip_special)
+        self._bytes_of = tokenizer._backend.decode_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def _emit(self, data: bytes, final: bool) -> str:
+        chunk = self._utf8.decode(data, final)
+        if chunk:
+            self._chunks.append(chunk)
+        return chunk
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; returns the text it completes (possibly "")."""
+        return self._emit(self._bytes_of([int(token_id)], self._skip_special), False)
+
+    def finish(self) -> str:
+        """Flush held-back bytes of an incomplete character (as U+FFFD) and end the stream."""
+        chunk = self._emit(b"", True)
+        self._utf8.reset()
         return chunk

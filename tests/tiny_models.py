@@ -30,7 +30,12 @@ V2_LITE = dict(  # plain q_proj, softmax greedy, norm_topk_prob false, YaRN with
 MOONLIGHT = dict(V3, n_group=1, topk_group=1, rms_norm_eps=1e-5, rope_theta=50000.0, rope_scaling=None)
 V2_GROUPED = dict(V2_LITE, topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3,
                   routed_scaling_factor=1.5)
-STYLES = {"v3": V3, "v2lite": V2_LITE, "moonlight": MOONLIGHT, "v2grouped": V2_GROUPED}
+# DeepSeek-V3.2: V3 plus a Lightning Indexer per layer. Two shapes: YaRN with 8 index heads, and
+# plain RoPE with 6 wider heads and a larger topk.
+V32 = dict(V3, model_type="deepseek_v32", index_topk=8, index_n_heads=8, index_head_dim=32)
+V32_WIDE = dict(V3, model_type="deepseek_v32", index_topk=12, index_n_heads=6, index_head_dim=48, rope_scaling=None)
+STYLES = {"v3": V3, "v2lite": V2_LITE, "moonlight": MOONLIGHT, "v2grouped": V2_GROUPED, "v32": V32,
+          "v32wide": V32_WIDE}
 
 
 def make_hf_model(kind: str, seed: int = 0, **overrides):
@@ -42,6 +47,8 @@ def make_hf_model(kind: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     if cfg["model_type"] == "deepseek_v2":
         model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**cfg))
+    elif cfg["model_type"] == "deepseek_v32":
+        model = transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config(**cfg))
     else:
         model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg))
     model.config._attn_implementation = "eager"

@@ -45,6 +45,10 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
     if cfg.attention_bias:
         raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: attention_bias is true, but the ONNX graph has no "
                           f"attention biases, so this model cannot be exported to ONNX")
+    if cfg.sparse_attention:
+        raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: model_type deepseek_v32 uses DeepSeek sparse attention "
+                          "(a Lightning Indexer choosing index_topk rows per query), which the ONNX graph does not "
+                          "have yet; run this model with the mlx backend")
     if cfg.n_routed_experts is not None:
         for name, width in (("hidden_size", cfg.hidden_size), ("moe_intermediate_size", cfg.moe_intermediate_size)):
             if width % block_size:

@@ -6,6 +6,9 @@ Two equivalent forms:
   latent rows: MQA with one (kv_lora + rope)-wide key and a kv_lora-wide value;
 - expanded (prefill): keys and values are expanded per head through kv_b_proj, cheaper
   when many queries share the same keys.
+With DeepSeek Sparse Attention (deepseek_v32) the row also holds the indexer's key, and each
+query attends only to the rows its Lightning Indexer picks (indexer.py): decode gathers those
+rows, so its attention reads at most index_topk of them; prefill masks the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from .indexer import LightningIndexer
 from .layers import HeadLinear, Linear
 from .rope import RoPE
 
@@ -52,6 +56,9 @@ class MLA(nn.Module):
         self.unembed_out = HeadLinear(self.kv_lora_rank, self.v_dim, H)
         self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, bias=bias)
         self.rope = RoPE(self.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.latent_dim = cfg.latent_dim
+        if cfg.sparse_attention:
+            self.indexer = LightningIndexer(cfg)
 
     def nope_to_latent(self, q_nope: mx.array) -> mx.array:
         """[B, H, L, nope] -> [B, H, L, kv_lora]: q_nope_h @ W_UK_h."""
@@ -66,7 +73,8 @@ class MLA(nn.Module):
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))  # [B, L, q_lora]
+            q = self.q_b_proj(q_latent)
         q = q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, qk]
         q_nope, q_pe = mx.split(q, [self.nope_dim], axis=-1)
 
@@ -76,14 +84,28 @@ class MLA(nn.Module):
         q_pe = self.rope(q_pe, offset)
         k_pe = self.rope(k_pe[:, None], offset)  # [B, 1, L, rope]
 
-        latent = mx.concatenate([c, k_pe], axis=-1)  # [B, 1, L, kv_lora + rope]
+        row = [c, k_pe]
+        if "indexer" in self:
+            row.append(self.indexer.keys(x, offset))  # [B, 1, L, index_head_dim]
+        rows = mx.concatenate(row, axis=-1)  # [B, 1, L, cache_row_dim]
         if cache is not None:
-            latent = cache.update_and_fetch(latent)  # [B, 1, T, kv_lora + rope]
-        c_all, k_pe_all = mx.split(latent, [self.kv_lora_rank], axis=-1)
+            rows = cache.update_and_fetch(rows)  # [B, 1, T, cache_row_dim]
+        latent = rows[..., : self.latent_dim]  # [B, 1, T, kv_lora + rope]
+
+        chosen = None  # [B, L, topk] rows each query reads, or None: all it may see
+        if "indexer" in self:
+            chosen = self.indexer(x, q_latent, rows[..., self.latent_dim:], offset, mask)
 
         if L == 1:
-            out = self._absorbed(q_nope, q_pe, latent, c_all, mask)
+            if chosen is not None:  # read only the chosen rows: attention work bounded by index_topk
+                rows_of = chosen[:, None, 0, :, None]  # [B, 1, topk, 1]
+                rows_of = mx.broadcast_to(rows_of, (*rows_of.shape[:3], latent.shape[-1]))
+                latent = mx.take_along_axis(latent, rows_of, axis=2)  # [B, 1, topk, kv_lora + rope]
+            out = self._absorbed(q_nope, q_pe, latent, latent[..., : self.kv_lora_rank], mask)
         else:
+            if chosen is not None:
+                mask = _and_chosen(mask, chosen, latent.shape[2])
+            c_all, k_pe_all = mx.split(latent, [self.kv_lora_rank], axis=-1)
             out = self._expanded(q_nope, q_pe, c_all, k_pe_all, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -100,6 +122,15 @@ class MLA(nn.Module):
         scores = scores + (q_pe * self.scale) @ k_pe_all.swapaxes(-1, -2)  # k_pe is shared by all heads
         p = _softmax(scores, mask)
         return p @ v
+
+
+def _and_chosen(mask: mx.array | None, chosen: mx.array, T: int) -> mx.array:
+    """The boolean mask [B, 1, L, T] of rows a query may see (mask) and its indexer chose."""
+    B, L, _ = chosen.shape
+    keep = mx.put_along_axis(mx.zeros((B, L, T), mx.bool_), chosen, mx.array(True), axis=-1)[:, None]
+    if mask is None:
+        return keep
+    return keep & (mask if mask.dtype == mx.bool_ else mask == 0)
 
 
 def _softmax(scores: mx.array, mask: mx.array | None) -> mx.array:

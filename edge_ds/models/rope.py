@@ -49,15 +49,18 @@ def rope_inv_freq(dims: int, base: float, scaling: dict | None, max_position: in
 
 
 class RoPE:
-    """Rotates interleaved pairs (x0, x1), (x2, x3), ... of the last axis: x [B, H, L, dims]."""
+    """Rotates the first `dims` values of the last axis of x [B, H, L, *]: interleaved pairs
+    (x0, x1), (x2, x3), ... (MLA), or with traditional=False the two halves (x_i, x_i+dims/2)
+    (deepseek_v32's indexer)."""
 
-    def __init__(self, dims: int, base: float, scaling: dict | None, max_position: int):
+    def __init__(self, dims: int, base: float, scaling: dict | None, max_position: int, traditional: bool = True):
         inv_freq, self.attention_factor = rope_inv_freq(dims, base, scaling, max_position)
         self.dims = dims
+        self.traditional = traditional
         self._freqs = mx.array(1.0 / inv_freq)  # mx.fast.rope takes wavelengths
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         if self.attention_factor != 1.0:
             x = x * self.attention_factor
-        return mx.fast.rope(x, self.dims, traditional=True, base=None, scale=1.0,
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0,
                             offset=offset, freqs=self._freqs)
