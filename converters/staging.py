@@ -16,7 +16,7 @@ from edge_ds.errors import EdgeDSError
 # A converter's progress callback: (units done, units in all, what it is working on).
 Progress = Callable[[int, int, str], None]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "LICENSE", "LICENSE.txt", "README.md")
 

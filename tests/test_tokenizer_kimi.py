@@ -388,3 +388,35 @@ def test_tiny_kimi_k2_generates(tmp_path):
     assert out.stats.prompt_tokens == len(lm.tokenizer.encode_chat([{"role": "user", "content": "hello 日本"}]))
     assert out.text == lm.tokenizer.decode(out.tokens)
     assert 0 < len(out.tokens) <= 8 or out.stats.finish_reason == "stop"
+    # `edge-ds convert` carries tiktoken.model over; the model directory's Python never is
+    from converters.mlx import convert
+
+    (d / "tokenization_kimi.py").write_text("raise SystemExit('never run')\n")
+    converted = convert(d, tmp_path / "kimi-4bit", quant="4bit", group_size=32)
+    assert (converted / "tiktoken.model").is_file() and not (converted / "tokenization_kimi.py").exists()
+    again = edge_ds.load(converted)
+    assert again.tokenizer.encode("hello 日本") == lm.tokenizer.encode("hello 日本")
+    assert model_info(converted)["family"] == "Kimi-K2"
+
+
+def test_kimi_k2_config_loads():
+    """Kimi-K2's published config.json (384 experts, 64 heads, YaRN to 128k) parses and lays out."""
+    from edge_ds import layout
+    from edge_ds.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({
+        "model_type": "kimi_k2", "vocab_size": 163840, "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 64,
+        "num_key_value_heads": 64, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 384, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.827, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "norm_topk_prob": True, "max_position_embeddings": 131072, "rope_theta": 50000.0,
+        "rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "bos_token_id": 163584, "eos_token_id": 163585, "tie_word_embeddings": False,
+    })
+    assert len(cfg.moe_layers) == 60 and cfg.cache_row_dim == 576
+    shapes = layout.hf_shapes(cfg)
+    assert sum(1 for n in shapes if n.startswith("model.layers.1.mlp.experts.")) == 384 * 3
+    assert shapes["model.layers.1.self_attn.kv_b_proj.weight"] == (64 * 256, 512)

@@ -349,3 +349,66 @@ def test_onnx_export_refuses_v32(zoo, tmp_path):
     with pytest.raises(EdgeDSError, match="deepseek_v32.*sparse attention"):
         export_onnx(zoo.hf("v32").path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_checkpoint_converts_to_its_dequantized_weights(zoo, tmp_path):
+    """V3.2 ships FP8 128x128 like V3, the indexer's wq_b and wk included (weights_proj stays
+    BF16): the converted model equals transformers on the block-dequantized weights."""
+    from safetensors.numpy import load_file
+
+    from converters.mlx import convert
+    from tests.test_convert import fp8_dequantize_loop, fp8_quantize, transformers_state, write_shards
+    from tests.tiny_models import make_hf_model
+
+    tiny = zoo.hf("v32")
+    original = load_file(str(tiny.path / "model.safetensors"))
+    fp8_names = [n for n, a in original.items() if n.startswith("model.layers.") and a.ndim == 2
+                 and (n.endswith(("_proj.weight", "_proj_with_mqa.weight", "indexer.wq_b.weight", "indexer.wk.weight")))
+                 and not n.endswith("weights_proj.weight")]
+    assert any("indexer.wq_b" in n for n in fp8_names) and any("indexer.wk" in n for n in fp8_names)
+    tensors, fp8 = dict(original), {}
+    for name in fp8_names:
+        fp8[name] = fp8_quantize(original[name])
+        tensors[name], tensors[name + "_scale_inv"] = fp8[name]
+    src = tmp_path / "fp8"
+    src.mkdir()
+    write_shards(src, tensors, {n: 0 for n in tensors}, 1)
+    cfg = json.loads((tiny.path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    model = load_model(convert(src, tmp_path / "out", quant="none", dtype="float32"))
+
+    oracle = make_hf_model("v32", seed=7)
+    oracle.load_state_dict(transformers_state(
+        {k: fp8_dequantize_loop(*fp8[k]) if k in fp8 else a for k, a in original.items()}), strict=True)
+    length = 4 * STYLES["v32"]["index_topk"] + 8
+    toks = tokens(tiny.vocab_size, length, seed=6)
+    cos, sin = hf_rotary(oracle, length)
+    with record_hf() as calls:
+        ref = hf_logits(oracle, toks)[0]
+    clean = check_selections(calls, lambda l: indexer_weights(oracle, l), cos, sin, STYLES["v32"], length).first_tie
+    assert clean >= 2 * STYLES["v32"]["index_topk"]
+    assert rel_err(np.array(model(mx.array(toks)))[0][:clean], ref[:clean]) < TOL
+
+
+def test_api_generates_with_lazy_experts_and_a_trace(zoo, tmp_path):
+    """The whole runtime on V3.2 past index_topk: load() with an expert budget and a routing trace
+    generates exactly what the resident model generates."""
+    import shutil
+
+    import edge_ds
+    from edge_ds.experts.trace import load_trace
+    from tests.test_api import add_tokenizer
+
+    src = zoo.converted("v32", "4bit", "float32", group_size=32, n_routed_experts=16, vocab_size=300)
+    model_dir = tmp_path / "v32"
+    shutil.copytree(src, model_dir)
+    add_tokenizer(model_dir, 300)
+    prompt = "the quick brown fox jumps over the lazy dog"  # longer than index_topk once encoded
+    ref = edge_ds.load(model_dir).generate(prompt, max_tokens=24, chat_template=False)
+    lm = edge_ds.load(model_dir, expert_budget="25%", trace=tmp_path / "t.jsonl")
+    out = lm.generate(prompt, max_tokens=24, chat_template=False)
+    assert out.stats.prompt_tokens + 24 > 2 * STYLES["v32"]["index_topk"]
+    assert out.tokens == ref.tokens and lm.expert_stats()["misses"] > 0
+    lm.experts.recorder.close()
+    assert len(load_trace(tmp_path / "t.jsonl").steps) > 0
