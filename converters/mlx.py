@@ -70,6 +70,10 @@ def convert(src: str | Path, dst: str | Path, quant: str = "4bit", group_size: i
     check_paths(src, dst)
     cfg = ModelConfig.load(src)
     ckpt = Checkpoint(src)
+    if layout.is_mlx_layout(cfg, ckpt):
+        ckpt.close()
+        raise EdgeDSError(f"{src}: already an edge-ds / mlx-lm model (quantized, or experts stacked as switch_mlp); "
+                          "load it as it is, or convert the original Hugging Face checkpoint")
     try:
         units = _plan(cfg, ckpt)
         with staged_output(src, dst) as tmp:

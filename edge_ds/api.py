@@ -13,10 +13,10 @@ import mlx.core as mx
 import numpy as np
 
 from .backend import Backend, ExpertOptions
-from .backends import open_backend
+from .backends import choose, open_backend
 from .cache import PromptCache
 from .config import ModelConfig
-from .errors import EdgeDSError
+from .errors import ContextLengthError, EdgeDSError
 from .generate import GenerationStats, generate_tokens, stop_string_hold
 from .options import SamplingOptions
 from .resources import default_model_path
@@ -85,14 +85,17 @@ def load(path: str | Path | None = None, backend: str | None = None, expert_budg
     backend: a name from backends.names() ("mlx", "onnx": a directory written by
     `edge-ds export-onnx`), or None for backends.default_backend(directory).
     """
-    directory = Path(path) if path is not None else default_model_path()
+    directory = Path(path).expanduser() if path is not None else default_model_path()
     if not directory.is_dir():
         raise EdgeDSError(f"{directory}: no such model directory")
     experts = None
     if expert_budget is not None or trace is not None:
         experts = ExpertOptions("100%" if expert_budget is None else expert_budget, expert_policy, prefetch,
                                 expert_page_cache, trace)
-    return LanguageModel(open_backend(backend, directory, experts), Tokenizer.load(directory), directory)
+    name, why = choose(backend, directory, experts)
+    lm = LanguageModel(open_backend(name, directory, experts), Tokenizer.load(directory), directory)
+    lm.backend_reason = why
+    return lm
 
 
 class LanguageModel:
@@ -100,6 +103,7 @@ class LanguageModel:
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, path: Path):
         self.backend = backend
+        self.backend_reason = ""  # why load() picked this backend
         self.tokenizer = tokenizer
         self.path = path
         self.config: ModelConfig = backend.config
@@ -225,7 +229,11 @@ class LanguageModel:
 
 
 class ChatSession:
-    """A multi-turn conversation; each turn prefills only what the cache does not hold yet."""
+    """A multi-turn conversation; each turn prefills only what the cache does not hold yet.
+
+    When the conversation outgrows the context window (leaving room for max_tokens), the oldest
+    turns are dropped and the system prompt kept, as llama.cpp and Ollama do; `dropped_turns`
+    counts the user turns dropped so far."""
 
     def __init__(self, lm: LanguageModel, system: str | None = None):
         self.lm = lm
@@ -235,11 +243,17 @@ class ChatSession:
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = self.lm.new_cache()
+        self.dropped_turns = 0
 
     def send(self, text: str, **options) -> TextStream:
-        """Streams the assistant's reply to `text`; the reply joins the history when the stream ends."""
-        self.messages.append({"role": "user", "content": text})
-        stream = self.lm.stream(list(self.messages), cache=self.cache, **options)
+        """Streams the assistant's reply to `text`; the reply joins the history when the stream ends.
+        A message that does not fit the context even alone raises ContextLengthError and leaves the
+        history as it was."""
+        max_tokens = options.get("max_tokens", 256)
+        messages = self._fit(self.messages + [{"role": "user", "content": text}],
+                             self.lm.config.max_position_embeddings - (max_tokens or 1))
+        stream = self.lm.stream(list(messages), cache=self.cache, **options)
+        self.messages = messages
         inner = stream._chunks
 
         def record() -> Iterator[str]:
@@ -250,3 +264,21 @@ class ChatSession:
 
         stream._chunks = record()
         return stream
+
+    def _fit(self, messages: list[dict], room: int) -> list[dict]:
+        """`messages` without their oldest turns, so that the prompt takes at most `room` tokens."""
+        head = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turns = messages[len(head):]
+        dropped = 0
+        while len(self.lm.encode_prompt(head + turns)) > room:
+            if len(turns) == 1:
+                n = len(self.lm.encode_prompt(head + turns))
+                raise ContextLengthError(f"the message ({n} prompt tokens with the system prompt) + max_tokens does not "
+                                         f"fit the context window ({self.lm.config.max_position_embeddings} tokens) "
+                                         "even without earlier turns")
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0]["role"] != "user":  # a history starts with a user turn
+                turns = turns[1:]
+            dropped += 1
+        self.dropped_turns += dropped
+        return head + turns

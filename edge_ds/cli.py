@@ -30,17 +30,19 @@ FLAGS = {
 }
 
 
+def user_message(e: EdgeDSError) -> str:
+    """The error's message, with a flag where the library named an argument."""
+    return e.spelled(FLAGS.get(e.option, e.option)) if isinstance(e, OptionError) else str(e)
+
+
 class Group(click.Group):
     """Prints user errors as one line on stderr and exits 1, never with a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except OptionError as e:
-            click.echo(f"edge-ds: error: {e.spelled(FLAGS.get(e.option, e.option))}", err=True)
-            sys.exit(1)
         except EdgeDSError as e:
-            click.echo(f"edge-ds: error: {e}", err=True)
+            click.echo(f"edge-ds: error: {user_message(e)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("", err=True)
@@ -183,11 +185,12 @@ def _print_expert_stats(st: dict) -> None:
         f"prefetch {st['prefetch_used']}/{st['prefetch_issued']} used", err=True)
 
 
-def _print_stats(stats) -> None:
+def _print_stats(stats, lm) -> None:
     click.echo(
         f"\n==========\nPrompt: {stats.prompt_tokens} tokens ({stats.prefilled_tokens} prefilled), "
         f"{stats.prompt_tps:.3f} tokens-per-sec\nGeneration: {stats.generation_tokens} tokens, "
-        f"{stats.generation_tps:.3f} tokens-per-sec\nPeak memory: {stats.peak_memory_gb:.3f} GB", err=True)
+        f"{stats.generation_tps:.3f} tokens-per-sec\nPeak memory: {stats.peak_memory_gb:.3f} GB\n"
+        f"Backend: {lm.backend.name} ({lm.backend_reason}), {lm.backend.device}", err=True)
 
 
 @main.command()
@@ -211,9 +214,16 @@ def generate(model_dir, prompt, no_chat_template, quiet, sampling, experts, back
         sys.stdout.flush()
     click.echo()
     if not quiet:
-        _print_stats(stream.stats)
+        _print_stats(stream.stats, lm)
         if lm.experts is not None:
             _print_expert_stats(lm.expert_stats())
+
+
+CHAT_HELP = """Commands:
+  /reset          start a new conversation (the system prompt stays)
+  /exit, /bye     quit (Ctrl-D too)
+  /help, /?       this list
+Ctrl-C stops a reply without ending the session. A long conversation drops its oldest turns."""
 
 
 @main.command()
@@ -230,7 +240,8 @@ def chat(model_dir, system, sampling, experts, backend):
     if not lm.tokenizer.has_chat_template:
         raise EdgeDSError(f"{lm.path}: the model has no chat template; use `edge-ds generate --no-chat-template`")
     session = lm.chat(system)
-    click.echo(f"edge-ds chat: {lm.path.name}. /reset to start over, /exit to quit.", err=True)
+    warned_full = False
+    click.echo(f"edge-ds chat: {lm.path.name}. /reset to start over, /exit to quit, /help for more.", err=True)
     while True:
         try:
             line = input(">> ")
@@ -238,21 +249,34 @@ def chat(model_dir, system, sampling, experts, backend):
             click.echo()
             return
         cmd = line.strip()
-        if cmd in ("/exit", "/quit"):
+        if cmd in ("/exit", "/quit", "/bye"):
             return
         if cmd == "/reset":
             session.reset()
             click.echo("(conversation reset)", err=True)
             continue
+        if cmd in ("/help", "/?"):
+            click.echo(CHAT_HELP, err=True)
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            click.echo(f"unknown command {cmd}; /help lists the commands", err=True)
+            continue
         if not cmd:
             continue
-        stream = session.send(line, **sampling)
         try:
+            stream = session.send(line, **sampling)
+            if session.dropped_turns and not warned_full:
+                click.echo("(the conversation is longer than the context: the oldest turns are dropped from "
+                           "now on, the system prompt kept; /reset starts over)", err=True)
+                warned_full = True
             for chunk in stream:
                 click.echo(chunk, nl=False)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             click.echo(" [stopped]", err=True)
+            continue
+        except EdgeDSError as e:  # the session goes on: say why this turn failed
+            click.echo(f"edge-ds: error: {user_message(e)}", err=True)
             continue
         click.echo()
 
@@ -299,9 +323,11 @@ def info(model_dir, as_json):
                    f"top-{facts['experts_per_token']})"),
         ("parameters", f"{facts['total_params'] / 1e6:,.1f}M total, {facts['active_params'] / 1e6:,.1f}M active"),
         ("weights", f"{facts['bits_per_weight']} bits/weight"
-                    + (f" ({q['mode']} {q['bits']}-bit, group {q['group_size']})" if q else " (unquantized)")),
+                    + (f" ({q.get('mode', 'symmetric')} {q['bits']}-bit, group "
+                       f"{q.get('group_size', q.get('block_size'))})" if q else " (unquantized)")),
         ("size on disk", f"{facts['size_on_disk_bytes'] / 1e6:,.1f} MB"),
         ("cache", f"{facts['cache_bytes_per_token']:,} bytes/token ({facts['cache_dtype']} latent)"),
+        ("backend", f"{facts['backend']} by default ({facts['backend_reason']})"),
     ]
     for k, v in rows:
         click.echo(f"{k:>13}: {v}")
@@ -309,9 +335,9 @@ def info(model_dir, as_json):
 
 @main.command()
 @model_option
-@click.option("--prompt-tokens", "-p", default=128, show_default=True)
-@click.option("--generation-tokens", "-g", default=64, show_default=True)
-@click.option("--num-trials", "-n", default=3, show_default=True)
+@click.option("--prompt-tokens", "-p", default=128, show_default=True, help="Random prompt length.")
+@click.option("--generation-tokens", "-g", default=64, show_default=True, help="Tokens generated per trial.")
+@click.option("--num-trials", "-n", default=3, show_default=True, help="Timed trials after one warm-up (medians).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @expert_options
 @backend_option
@@ -379,10 +405,9 @@ def perplexity(model_dir, text_file, window, as_json):
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeDSError(f"{text_file}: cannot read as UTF-8 text ({e})") from None
-    if window < 1:
-        raise OptionError("window", f"{{option}} must be at least 1, got {window}")
     try:
-        result = measure(load(model_dir), text, window)
+        with progress_bar("scoring") as progress:
+            result = measure(load(model_dir), text, window, progress=progress)
     except ValueError as e:
         raise EdgeDSError(f"{text_file}: {e}") from None
     if as_json:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from . import layout
+from .backends import why_default
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .errors import EdgeDSError
 from .loading import compute_dtype
 
 FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2": "Kimi-K2",
@@ -14,26 +18,19 @@ FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2
 
 
 def model_info(directory: str | Path) -> dict:
+    """Family, parameter counts, bits per weight, size, cache cost and the backend load() would pick."""
     directory = Path(directory)
     cfg = ModelConfig.load(directory)
-    ckpt = Checkpoint(directory, layout.WEIGHTS_GLOB)  # the main model: mtp.safetensors left out
-    names = set(ckpt.names())
-    total = routed = 0
-    weight_bytes = 0
-    for name in sorted(names):
-        info = ckpt.info(name)
-        weight_bytes += info.nbytes
-        if name.endswith((".scales", ".biases")):
-            continue
-        count = 1
-        for d in info.shape:
-            count *= d
-        if name.endswith(".weight") and layout.is_quantized(name, names):
-            q = layout.quantization_for(cfg, name.removesuffix(".weight")) or {"bits": 4}
-            count = count * 32 // q["bits"]  # uint32 words hold 32 / bits values
-        total += count
-        if layout.is_routed_expert(name):
-            routed += count
+    backend, why = why_default(directory)
+    if layout.has_weights(directory):
+        total, routed, weight_bytes = _count_safetensors(directory, cfg)
+        quantization = cfg.quantization
+    elif (directory / layout.ONNX_MANIFEST).is_file():  # an ONNX export only: counts from the config
+        manifest = json.loads((directory / layout.ONNX_MANIFEST).read_text(encoding="utf-8"))
+        total, routed, weight_bytes = _count_onnx(directory, cfg, manifest)
+        quantization = manifest.get("quantization")
+    else:
+        raise EdgeDSError(f"{directory}: no model weights ({layout.WEIGHTS_GLOB} or {layout.ONNX_MANIFEST})")
     E, k = cfg.n_routed_experts or 1, cfg.num_experts_per_tok
     active = total - routed + routed * k // E
     dtype = compute_dtype()
@@ -50,9 +47,42 @@ def model_info(directory: str | Path) -> dict:
         "active_params": active,
         "routed_expert_params": routed,
         "bits_per_weight": round(weight_bytes * 8 / max(total, 1), 3),
-        "quantization": cfg.quantization,
+        "quantization": quantization,
         "size_on_disk_bytes": size,
         "cache_bytes_per_token": cfg.num_hidden_layers * cfg.cache_row_dim * dtype.size,
         "cache_dtype": str(dtype).replace("mlx.core.", ""),
+        "backend": backend,
+        "backend_reason": why,
         "max_position_embeddings": cfg.max_position_embeddings,
     }
+
+
+def _count_safetensors(directory: Path, cfg: ModelConfig) -> tuple[int, int, int]:
+    """(parameters, routed-expert parameters, bytes) from the headers; quantized words unpacked."""
+    ckpt = Checkpoint(directory, layout.WEIGHTS_GLOB)  # the main model: mtp.safetensors left out
+    names = set(ckpt.names())
+    total = routed = weight_bytes = 0
+    for name in sorted(names):
+        info = ckpt.info(name)
+        weight_bytes += info.nbytes
+        if name.endswith((".scales", ".biases")):
+            continue
+        count = math.prod(info.shape)
+        if name.endswith(".weight") and layout.is_quantized(name, names):
+            q = layout.quantization_for(cfg, name.removesuffix(".weight")) or {"bits": 4}
+            count = count * 32 // q["bits"]  # uint32 words hold 32 / bits values
+        total += count
+        if layout.is_routed_expert(name):
+            routed += count
+    return total, routed, weight_bytes
+
+
+def _count_onnx(directory: Path, cfg: ModelConfig, manifest: dict) -> tuple[int, int, int]:
+    """(parameters, routed-expert parameters, bytes) of an ONNX export: the counts config.json
+    implies, the bytes of the graph and its external data."""
+    shapes = layout.hf_shapes(cfg)
+    total = sum(math.prod(s) for s in shapes.values())
+    routed = sum(math.prod(s) for n, s in shapes.items() if layout.is_routed_expert(n))
+    files = [manifest.get("file"), manifest.get("external_data")]
+    weight_bytes = sum((directory / f).stat().st_size for f in files if f and (directory / f).is_file())
+    return total, routed, weight_bytes

@@ -21,6 +21,7 @@ Nothing here imports MLX: arrays are numpy or MLX alike (only reshape, slicing, 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -33,6 +34,13 @@ INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints: tensor name 
 WEIGHTS_GLOB = "model*.safetensors"  # the main model's shards when there is no index
 MTP_FILE = "mtp.safetensors"  # the converter's home for the MTP module (mlx-lm never reads it)
 ONNX_MANIFEST = "onnx.json"  # written by `edge-ds export-onnx`, read by the onnx backend
+
+
+
+def has_weights(directory: Path) -> bool:
+    """Whether a model directory holds safetensors weights of the main model."""
+    return (directory / INDEX_FILE).is_file() or any(directory.glob(WEIGHTS_GLOB))
+
 
 # --- tensor names ---------------------------------------------------------------------------
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -126,6 +134,15 @@ def kv_b_as_rows(names: Iterable[str]) -> bool:
     runtime then holds W_UK as its rows [H, nope, kv_lora] (exact for quantized weights) instead
     of mlx-lm's embed_q [H, kv_lora, nope]."""
     return any(n.endswith(".self_attn.kv_b_proj.weight") for n in names)
+
+
+def is_mlx_layout(cfg: ModelConfig, names) -> bool:
+    """Whether a checkpoint (`names`: its tensor names, anything that supports `in`) is in mlx-lm's
+    layout rather than Hugging Face's: a quantization block, stacked routed experts, or kv_b_proj
+    split into embed_q."""
+    return cfg.quantization is not None or any(
+        stacked_name(i, proj) in names for i in cfg.moe_layers for proj in EXPERT_PROJS) or any(
+        f"{split_kv_b_names(f'model.layers.{i}.self_attn')[0]}.weight" in names for i in range(cfg.num_hidden_layers))
 
 
 # --- quantization ---------------------------------------------------------------------------

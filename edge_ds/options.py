@@ -19,7 +19,11 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+    """A finite real number (NaN and infinities are not sampling parameters)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+SEED_MAX = 2**64 - 1  # MLX's random seed is an unsigned 64-bit integer
 
 
 def require(option: str, ok: bool, requirement: str, value: Any) -> None:
@@ -30,7 +34,7 @@ def require(option: str, ok: bool, requirement: str, value: Any) -> None:
 
 def check_filters(temperature: float, top_p: float, top_k: int, min_p: float, min_tokens_to_keep: int) -> None:
     """The token filters' options (sampling.make_sampler's)."""
-    require("temperature", is_number(temperature) and temperature >= 0, ">= 0", temperature)
+    require("temperature", is_number(temperature) and temperature >= 0, "a finite number >= 0", temperature)
     require("top_p", is_number(top_p) and 0 < top_p <= 1, "in (0, 1]", top_p)
     require("top_k", is_int(top_k) and top_k >= 0, "an integer >= 0", top_k)
     require("min_p", is_number(min_p) and 0 <= min_p <= 1, "in [0, 1]", min_p)
@@ -39,7 +43,7 @@ def check_filters(temperature: float, top_p: float, top_k: int, min_p: float, mi
 
 
 def check_repetition(penalty: float, context_size: int) -> None:
-    require("repetition_penalty", is_number(penalty) and penalty > 0, "> 0", penalty)
+    require("repetition_penalty", is_number(penalty) and penalty > 0, "a finite number > 0", penalty)
     require("repetition_context_size", is_int(context_size) and context_size >= 1, "an integer >= 1",
             context_size)
 
@@ -66,7 +70,8 @@ class SamplingOptions:
         check_filters(self.temperature, self.top_p, self.top_k, self.min_p, self.min_tokens_to_keep)
         if self.repetition_penalty is not None:
             check_repetition(self.repetition_penalty, self.repetition_context_size)
-        require("seed", self.seed is None or is_int(self.seed), "an integer", self.seed)
+        require("seed", self.seed is None or (is_int(self.seed) and 0 <= self.seed <= SEED_MAX),
+                f"an integer in [0, {SEED_MAX}]", self.seed)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         require("stop", all(isinstance(s, str) and s for s in stop), "non-empty strings", list(stop))
         object.__setattr__(self, "stop", stop)

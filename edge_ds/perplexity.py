@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .api import LanguageModel
 from .backend import Backend
+from .errors import OptionError
 
 
 @dataclass
@@ -27,9 +29,11 @@ def split_windows(ids: list[int], window: int) -> list[list[int]]:
     return [ids[i:i + window + 1] for i in range(0, len(ids) - 1, window)]
 
 
-def window_nll(model: Backend, windows: list[list[int]], batch: int = 8) -> tuple[float, int]:
-    """Sum of -log p(token | window prefix) over all windows, and the count of predicted tokens."""
-    total, count = 0.0, 0
+def window_nll(model: Backend, windows: list[list[int]], batch: int = 8,
+               progress: Callable[[int, int, str], None] | None = None) -> tuple[float, int]:
+    """Sum of -log p(token | window prefix) over all windows, and the count of predicted tokens;
+    progress(windows done, windows in all, "") after each batch."""
+    total, count, done = 0.0, 0, 0
     by_length: dict[int, list[list[int]]] = {}
     for w in windows:
         by_length.setdefault(len(w), []).append(w)
@@ -41,13 +45,23 @@ def window_nll(model: Backend, windows: list[list[int]], batch: int = 8) -> tupl
             picked = mx.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)  # [B, T, 1]
             total -= picked.sum().item()
             count += picked.size
+            done += len(group[i:i + batch])
+            if progress:
+                progress(done, len(windows), "")
     return total, count
 
 
-def perplexity(lm: LanguageModel, text: str, window: int = 256, batch: int = 8) -> Perplexity:
+def perplexity(lm: LanguageModel, text: str, window: int = 256, batch: int = 8,
+               progress: Callable[[int, int, str], None] | None = None) -> Perplexity:
     """Perplexity of `text` (encoded with BOS, as one sequence) under a loaded LanguageModel."""
+    limit = lm.config.max_position_embeddings
+    if window < 1:
+        raise OptionError("window", f"{{option}} must be at least 1, got {window}")
+    if window + 1 > limit:
+        raise OptionError("window", f"{{option}} ({window}) + 1 tokens exceed the model's max_position_embeddings "
+                                    f"({limit}): the largest window is {limit - 1}")
     ids = lm.tokenizer.encode(text)
-    nll, count = window_nll(lm.backend, split_windows(ids, window), batch)
+    nll, count = window_nll(lm.backend, split_windows(ids, window), batch, progress)
     if count == 0:
         raise ValueError("text is too short: it must encode to at least two tokens")
     return Perplexity(math.exp(nll / count), nll / count, count)

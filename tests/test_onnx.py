@@ -415,3 +415,21 @@ def test_readme_example_runs_the_exported_default_model(tmp_path):
     lm = edge_ds.load(out, backend="onnx")
     expected = lm.generate("In the beginning", max_tokens=40, chat_template=False).text
     assert r.stdout.strip() == expected.strip() and len(expected.split()) >= 5
+
+
+def test_info_and_expert_budget_on_an_onnx_export(lm_dir, monkeypatch):
+    """`info` reads an export (no safetensors) and says which backend runs it; an expert budget
+    on it names what is missing instead of a missing-file error."""
+    from edge_ds import backends
+    from edge_ds.info import model_info
+
+    monkeypatch.setattr(backends.platform, "system", lambda: "Linux")
+    facts, hf = model_info(lm_dir), model_info(lm_dir.parent / "hf")
+    assert facts["total_params"] == hf["total_params"] and facts["active_params"] == hf["active_params"]
+    assert facts["quantization"]["bits"] == 4 and facts["bits_per_weight"] > 4  # float embedding rows count too
+    assert facts["backend"] == "onnx" and "onnx export" in facts["backend_reason"]
+    assert hf["backend"] == "mlx"
+    with pytest.raises(EdgeDSError, match="expert_budget and trace need MLX weights"):
+        edge_ds.load(lm_dir, expert_budget="50%")
+    r = subprocess.run([sys.executable, "-m", "edge_ds.cli", "info", str(lm_dir)], capture_output=True, text=True)
+    assert r.returncode == 0 and "backend: " in r.stdout, r.stderr

@@ -96,13 +96,6 @@ class MLXReader(TensorReader):
         return np.array(out.astype(mx.float32))
 
 
-def _mlx_layout(cfg: ModelConfig, ckpt: Checkpoint) -> bool:
-    """Whether a directory is in mlx-lm's layout: a quantization block, or stacked routed experts."""
-    return cfg.quantization is not None or any(
-        layout.stacked_name(i, proj) in ckpt
-        for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i) for proj in layout.EXPERT_PROJS)
-
-
 def open_reader(cfg: ModelConfig, ckpt: Checkpoint, progress: Progress | None = None) -> TensorReader:
     """An mlx-lm layout directory (quantization block or switch_mlp stacks) or a Hugging Face one."""
-    return (MLXReader if _mlx_layout(cfg, ckpt) else HFReader)(cfg, ckpt, progress)
+    return (MLXReader if layout.is_mlx_layout(cfg, ckpt) else HFReader)(cfg, ckpt, progress)

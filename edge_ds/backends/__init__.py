@@ -25,22 +25,34 @@ def names() -> list[str]:
 
 
 def default_backend(directory: Path) -> str:
-    """MLX on Apple Silicon (Metal, unified memory). Elsewhere a backend whose own export the
-    directory holds (an onnxruntime export: its 4-bit CPU kernels are far faster than MLX's CPU
-    backend), else MLX."""
+    """The backend load() picks when none is named (see why_default)."""
+    return why_default(directory)[0]
+
+
+def why_default(directory: Path) -> tuple[str, str]:
+    """(backend, why): MLX on Apple Silicon (Metal, unified memory). Elsewhere a backend whose own
+    export the directory holds (an onnxruntime export: its 4-bit CPU kernels are far faster than
+    MLX's CPU backend), else MLX."""
     if platform.system() == "Darwin" and platform.machine() == "arm64":
-        return DEFAULT
+        return DEFAULT, "Apple Silicon: Metal and unified memory"
     for name in names():
         if name != DEFAULT and importlib.import_module(f"{__name__}.{name}").detect(directory):
-            return name
-    return DEFAULT
+            return name, f"the directory holds a {name} export, faster than MLX on this CPU"
+    return DEFAULT, "no faster export in the directory"
 
 
-def open_backend(name: str | None, directory: Path, experts: ExpertOptions | None = None) -> Backend:
-    """The model in `directory` on backend `name` (None: default_backend, or MLX for lazy experts)."""
+def choose(name: str | None, directory: Path, experts: ExpertOptions | None = None) -> tuple[str, str]:
+    """(backend, why) for a load: the one named, MLX for lazy experts, else default_backend's."""
+    if name is not None:
+        return name, "asked for"
+    if experts is not None:
+        return DEFAULT, "lazy experts run on MLX"
+    return why_default(directory)
+
+
+def open_backend(name: str, directory: Path, experts: ExpertOptions | None = None) -> Backend:
+    """The model in `directory` on backend `name` (see choose)."""
     available = names()
-    if name is None:
-        name = DEFAULT if experts is not None else default_backend(directory)
     if name not in available:
         raise OptionError("backend", f"{{option}} {name!r} is not available in this build "
                                      f"(available: {', '.join(available)})")
