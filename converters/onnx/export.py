@@ -49,11 +49,6 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
         raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: model_type deepseek_v32 uses DeepSeek sparse attention "
                           "(a Lightning Indexer choosing index_topk rows per query), which the ONNX graph does not "
                           "have yet; run this model with the mlx backend")
-    if cfg.n_routed_experts is not None:
-        for name, width in (("hidden_size", cfg.hidden_size), ("moe_intermediate_size", cfg.moe_intermediate_size)):
-            if width % block_size:
-                raise OptionError("block_size", f"{src}/{layout.CONFIG_FILE}: {name} ({width}) must be a multiple "
-                                                f"of {{option}} ({block_size}) for onnxruntime's QMoE")
     quant = BlockQuant(bits, block_size, accuracy_level)
 
     ckpt = Checkpoint(src)

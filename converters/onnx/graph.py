@@ -185,13 +185,17 @@ class DecoderGraph:
         # onnxruntime 1.31's CPU QMoE is exact for blocked 4-bit but not for blocked 8-bit
         # (~1e-2 off at any accuracy level): 8-bit experts get one scale per row instead.
         blocked = {"block_size": self.quant.block_size} if self.quant.bits == 4 else {}
+        D, padded = cfg.hidden_size, self.expert_widths()[0]
+        x = h if padded == D else g.op("Pad", [h, g.ints(0, 0, 0, 0, 0, padded - D)], p + ".pad_hidden")
         # QMoE picks the top k of softmax(router_probs) (order-preserving, so the top k of the
         # choice scores; masked groups are -inf) and mixes with router_weights at those experts.
-        routed = g.op("QMoE", [h, choice, fc1, fc1_scales, "", fc2, fc2_scales, "", "", "", "", "", "", "",
+        routed = g.op("QMoE", [x, choice, fc1, fc1_scales, "", fc2, fc2_scales, "", "", "", "", "", "", "",
                                scores], p + ".experts", domain=MS,
                       k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                       normalize_routing_weights=int(cfg.norm_topk_prob), expert_weight_bits=self.quant.bits,
                       accuracy_level=self.quant.accuracy_level, **blocked)
+        if padded != D:
+            routed = g.op("Slice", [routed, g.ints(0), g.ints(D), g.ints(-1)], p + ".unpad_hidden")
         if cfg.routed_scaling_factor != 1.0:
             routed = g.op("Mul", [routed, g.scalar(cfg.routed_scaling_factor)])
         if cfg.n_shared_experts:
@@ -216,23 +220,34 @@ class DecoderGraph:
         masked = g.op("Where", [g.op("Unsqueeze", [keep, g.ints(-1)]), grouped, g.scalar(-np.inf)])
         return g.op("Reshape", [masked, g.ints(-1, cfg.n_routed_experts)], p + ".choice")
 
+    def expert_widths(self) -> tuple[int, int]:
+        """(hidden, intermediate) as the experts are stored: blocked 4-bit QMoE needs both to be
+        whole blocks, so they are zero-padded up (zero weights add nothing; the padded hidden
+        outputs are sliced off)."""
+        cfg, bs = self.cfg, self.quant.block_size
+        if self.quant.bits != 4:
+            return cfg.hidden_size, cfg.moe_intermediate_size
+        return -(-cfg.hidden_size // bs) * bs, -(-cfg.moe_intermediate_size // bs) * bs
+
     def expert_weights(self, p: str) -> tuple[str, str, str, str]:
         """fc1 [E, 2I, K/pack] with gate and up rows interleaved (swiglu_fusion=1), fc2 [E, hidden, I/pack];
-        scales [E, N, K/block] (4-bit) or [E, N] (8-bit)."""
+        scales [E, N, K/block] (4-bit) or [E, N] (8-bit); hidden and I padded as expert_widths says."""
         cfg, g = self.cfg, self.g
         fc1, fc1_s, fc2, fc2_s = [], [], [], []
         per_row = self.quant.bits == 8  # see moe()
-        q1 = BlockQuant(8, cfg.hidden_size, self.quant.accuracy_level) if per_row else self.quant
-        q2 = BlockQuant(8, cfg.moe_intermediate_size, self.quant.accuracy_level) if per_row else self.quant
+        D, I = self.expert_widths()
+        q1 = BlockQuant(8, D, self.quant.accuracy_level) if per_row else self.quant
+        q2 = BlockQuant(8, I, self.quant.accuracy_level) if per_row else self.quant
         for e in range(cfg.n_routed_experts):
             gate = self.read(f"{p}.experts.{e}.gate_proj.weight")
             up = self.read(f"{p}.experts.{e}.up_proj.weight")
-            inter = np.empty((2 * gate.shape[0], gate.shape[1]), np.float32)
-            inter[0::2], inter[1::2] = gate, up
+            inter = np.zeros((2 * I, D), np.float32)
+            inter[0:2 * gate.shape[0]:2, : gate.shape[1]], inter[1:2 * gate.shape[0]:2, : gate.shape[1]] = gate, up
             packed, scales = quantize_blocks(inter, q1)
             fc1.append(packed.reshape(packed.shape[0], -1))
             fc1_s.append(scales[:, 0] if per_row else scales)
-            packed, scales = quantize_blocks(self.read(f"{p}.experts.{e}.down_proj.weight"), q2)
+            down = self.read(f"{p}.experts.{e}.down_proj.weight")
+            packed, scales = quantize_blocks(np.pad(down, ((0, D - down.shape[0]), (0, I - down.shape[1]))), q2)
             fc2.append(packed.reshape(packed.shape[0], -1))
             fc2_s.append(scales[:, 0] if per_row else scales)
         return (g.const(np.stack(fc1), p + ".fc1.qweight"), g.const(np.stack(fc1_s), p + ".fc1.scales"),
