@@ -14,6 +14,18 @@ from .options import SamplingOptions, is_int, is_number
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
+# The request fields of OpenAI's API reference, and this server's extensions. Any other field is
+# refused, as OpenAI does: a misspelt option must not be silently ignored. max_completion_tokens
+# (chat only at OpenAI) is taken by both endpoints here.
+_SHARED_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+                  "stream_options", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+                  "seed", "user", "top_k", "min_p", "repetition_penalty"}
+CHAT_FIELDS = _SHARED_FIELDS | {
+    "messages", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls", "functions",
+    "function_call", "modalities", "audio", "prediction", "reasoning_effort", "verbosity", "web_search_options",
+    "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
+COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt", "suffix", "echo", "best_of"}
+
 
 class RequestError(Exception):
     """A bad request: becomes an OpenAI-shaped error response."""
@@ -67,6 +79,27 @@ def parse_messages(value: Any) -> list[dict]:
     return out
 
 
+def check_fields(body: dict, chat: bool) -> None:
+    """Refuse fields neither OpenAI's endpoint nor this server defines, with OpenAI's message."""
+    unknown = [name for name in body if name not in (CHAT_FIELDS if chat else COMPLETION_FIELDS)]
+    if len(unknown) == 1:
+        raise RequestError(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    if unknown:
+        raise RequestError(f"Unrecognized request arguments supplied: {', '.join(unknown)}")
+
+
+def check_prompt_size(prompt: str | list, max_chars: int, context: int, param: str) -> None:
+    """Refuse, before tokenizing it, a text prompt (or messages) of more than max_chars characters,
+    which cannot fit a context window of `context` tokens."""
+    if isinstance(prompt, str):
+        n = len(prompt)
+    else:  # messages, or token ids (no text: the runtime counts them)
+        n = sum(len(m["content"]) for m in prompt if isinstance(m, dict))
+    if n > max_chars:
+        raise RequestError(f"'{param}' holds {n} characters of text, over the limit of {max_chars} for this "
+                           f"model's context window of {context} tokens", param, code="context_length_exceeded")
+
+
 def parse_prompt(value: Any, vocab_size: int) -> str | list[int]:
     """A completion prompt: text or token ids, one prompt per request."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
@@ -95,12 +128,21 @@ def _unsupported(body: dict) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, is_number, "a number", 0) != 0:
             raise RequestError(f"'{name}' is not supported (use 'repetition_penalty')", name)
-    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
+    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "audio"):
         if body.get(name) not in (None, False, 0, "", [], {}):
             raise RequestError(f"'{name}' is not supported by this server", name)
+    if body.get("web_search_options") is not None:  # even {}: it asks for a search
+        raise RequestError("'web_search_options' is not supported: this server does not search the web",
+                           "web_search_options")
+    for name in ("tool_choice", "function_call"):  # with no tools, only "none" (and "auto") can be honoured
+        if body.get(name) not in (None, "none", "auto"):
+            raise RequestError(f"'{name}' must be \"none\" or \"auto\": this server calls no tools", name)
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise RequestError("'response_format' supports only {\"type\": \"text\"}", "response_format")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise RequestError("'modalities' supports only [\"text\"]", "modalities")
 
 
 def parse_options(body: dict) -> dict:

@@ -28,10 +28,13 @@ from typing import Any, Callable, Iterator
 
 from .api import LanguageModel
 from .errors import ContextLengthError, EdgeDSError
-from .openai_schema import (Reply, RequestError, Result, parse_messages, parse_options, parse_prompt,
-                            parse_stream)
+from .openai_schema import (Reply, RequestError, Result, check_fields, check_prompt_size, parse_messages,
+                            parse_options, parse_prompt, parse_stream)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# A generous bound on the characters one token stands for (typically about 4): a prompt of more than
+# this many per token of context cannot fit, and is refused before tokenizing (seconds at megabytes).
+MAX_CHARS_PER_TOKEN = 32
 POLL_SECONDS = 0.2  # how often a waiting request checks whether its client went away
 
 
@@ -242,8 +245,11 @@ class Handler(BaseHTTPRequestHandler):
             if not self._body_read and (self.headers.get("Content-Length", "0") != "0"
                                         or "Transfer-Encoding" in self.headers):
                 self.close_connection = True  # an unread body would be taken for the next request
-            self._send_json(e.status, e.body())
-        except ClientGone:
+            try:
+                self._send_json(e.status, e.body())
+            except ConnectionError:  # the client left without reading the answer
+                self.close_connection = True
+        except (ClientGone, ConnectionError):
             self.close_connection = True
         except Exception as e:  # a bug: one line to the client, the traceback to our stderr
             traceback.print_exc(file=sys.stderr)
@@ -270,7 +276,12 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"Content-Length is not a number: {length!r}") from None
         if n > MAX_BODY_BYTES:
             raise RequestError(f"request body of {n} bytes is over the limit of {MAX_BODY_BYTES}", status=413)
-        raw = self.rfile.read(n)
+        try:
+            raw = self.rfile.read(n)
+        except OSError:  # reset by the client, or stalled past `timeout`
+            raise ClientGone() from None
+        if len(raw) < n:  # the client closed the connection before sending its whole body
+            raise ClientGone()
         self._body_read = True
         try:
             body = json.loads(raw.decode("utf-8"))
@@ -282,6 +293,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _completion(self, chat: bool) -> None:
         body = self._read_json()
+        check_fields(body, chat)
         lm = self.server.worker.lm
         if chat:
             if "messages" not in body:
@@ -293,6 +305,8 @@ class Handler(BaseHTTPRequestHandler):
             if "prompt" not in body:
                 raise RequestError("'prompt' is required", "prompt")
             prompt = parse_prompt(body["prompt"], lm.config.vocab_size)
+        check_prompt_size(prompt, self.server.prompt_limit, lm.config.max_position_embeddings,
+                          "messages" if chat else "prompt")
         options = parse_options(body)
         stream, include_usage = parse_stream(body)
         job = Job(prompt, chat_template=chat, options=options)
@@ -393,13 +407,15 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], lm: LanguageModel, model_id: str, prompt_cache: bool, quiet: bool):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, Handler)
+        # Set before binding: a failed bind calls server_close(), which reads them.
         self.model_id = model_id
         self.quiet = quiet
         self.fingerprint = f"edge-ds-{lm.fingerprint}"
+        self.prompt_limit = min(lm.config.max_position_embeddings * MAX_CHARS_PER_TOKEN, MAX_BODY_BYTES)
         self.worker = ModelWorker(lm, prompt_cache, log=None if quiet else self._log)
         self._serving = False
         self._thread: threading.Thread | None = None
+        super().__init__(address, Handler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks up the host's FQDN, which can stall on a bad DNS set-up.
@@ -453,8 +469,8 @@ def make_server(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, mo
     """
     try:
         return Server((host, port), lm, model_id or lm.path.name, prompt_cache, quiet)
-    except OSError as e:
-        raise EdgeDSError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    except (OSError, OverflowError) as e:  # OverflowError: a port over 65535
+        raise EdgeDSError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
 
 
 def serve(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 
 import edge_ds
+from edge_ds.errors import EdgeDSError
+from edge_ds.openai_schema import CHAT_FIELDS, COMPLETION_FIELDS
 from edge_ds.server import make_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +175,16 @@ def test_max_tokens_gives_length(server):
     ("/v1/completions", {"max_tokens": 4}, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"prompt": [10 ** 9]}, "prompt"),
+    ("/v1/chat/completions", {"messages": CHAT, "temprature": 0.5}, "temprature"),  # misspelt: not ignored
+    ("/v1/chat/completions", {"messages": CHAT, "prompt": PROMPT}, "prompt"),  # the other endpoint's field
+    ("/v1/completions", {"prompt": PROMPT, "messages": CHAT}, "messages"),
+    ("/v1/completions", {"prompt": PROMPT, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "seed": -1}, "seed"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": 2 ** 64}, "seed"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "web_search_options": {}}, "web_search_options"),
+    ("/v1/chat/completions", {"messages": CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("/v1/chat/completions", {"messages": CHAT, "modalities": ["text", "audio"]}, "modalities"),
 ])
 def test_bad_requests_are_400_naming_the_field(server, path, body, param):
     status, out = request(server, path, body)
@@ -177,6 +194,52 @@ def test_bad_requests_are_400_naming_the_field(server, path, body, param):
     if param:
         assert param.split("[")[0] in out["error"]["message"]
     assert "Traceback" not in out["error"]["message"]
+
+
+def test_unknown_fields_are_refused_as_openai_does(server):
+    status, out = request(server, "/v1/completions", {"prompt": PROMPT, "foo": 1})
+    assert status == 400 and out["error"]["message"] == "Unrecognized request argument supplied: foo"
+    status, out = request(server, "/v1/completions", {"prompt": PROMPT, "foo": 1, "bar": 2})
+    assert status == 400 and out["error"]["message"] == "Unrecognized request arguments supplied: foo, bar"
+
+
+def test_every_openai_field_is_accepted(server):
+    """Each field of OpenAI's API reference (and our extensions), with a value this server can honour."""
+    shared = {"model": "gpt-4o", "max_tokens": 2, "max_completion_tokens": 2, "temperature": 0, "top_p": 1, "n": 1,
+              "stream": False, "stream_options": None, "stop": None, "presence_penalty": 0, "frequency_penalty": 0,
+              "logit_bias": {}, "seed": 7, "user": "u1", "top_k": 0, "min_p": 0, "repetition_penalty": 1.0}
+    chat = {**shared, "messages": CHAT, "logprobs": False, "top_logprobs": None,
+            "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "parallel_tool_calls": False,
+            "functions": [], "function_call": "auto", "modalities": ["text"], "audio": None,
+            "prediction": {"type": "content", "content": "light"}, "reasoning_effort": "low", "verbosity": "low",
+            "web_search_options": None, "store": False, "metadata": {"k": "v"}, "service_tier": "auto",
+            "safety_identifier": "s1", "prompt_cache_key": "k1", "prompt_cache_retention": "in_memory"}
+    completion = {**shared, "prompt": PROMPT, "logprobs": None, "suffix": None, "echo": False, "best_of": 1}
+    assert set(chat) == CHAT_FIELDS and set(completion) == COMPLETION_FIELDS
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+        status, out = request(server, path, body)
+        assert status == 200, out
+        assert out["usage"]["completion_tokens"] <= 2
+
+
+@pytest.mark.parametrize("path, param", [("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")])
+def test_oversized_prompt_is_refused_before_tokenizing(server, lm, monkeypatch, path, param):
+    calls = []
+    for name in ("encode", "encode_chat"):
+        def counted(*args, _encode=getattr(lm.tokenizer, name), **kw):
+            calls.append(args)
+            return _encode(*args, **kw)
+        monkeypatch.setattr(lm.tokenizer, name, counted)
+    limit = lm.config.max_position_embeddings * 32  # characters: 32 per token of context, generously
+    for text in ("And God said, " * (limit // 14 + 1), "x" * 17_000_000):  # just over the limit; 17 MB
+        prompt = {"prompt": text} if param == "prompt" else {"messages": [*CHAT, {"role": "user", "content": text}]}
+        data = json.dumps(prompt).encode()
+        start = time.monotonic()
+        status, out = request(server, path, data)
+        assert time.monotonic() - start < 1.0
+        assert status == 400 and out["error"]["code"] == "context_length_exceeded", out
+        assert out["error"]["param"] == param and f"limit of {limit}" in out["error"]["message"]
+    assert calls == []
 
 
 def test_over_long_prompt_is_400_with_the_runtime_message(server, lm):
@@ -302,7 +365,9 @@ def test_cli_serve_help():
         assert option in out
 
 
-def test_cli_serve_answers_and_exits_on_sigint():
+@contextlib.contextmanager
+def _cli_server() -> Iterator[tuple[subprocess.Popen, int]]:
+    """`edge-ds serve` on a free port, once it answers /health; killed if still running at the end."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -317,11 +382,62 @@ def test_cli_serve_answers_and_exits_on_sigint():
             except (urllib.error.URLError, ConnectionError):
                 assert p.poll() is None and time.monotonic() < deadline, p.communicate()
                 time.sleep(0.1)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
+        yield p, port
     finally:
         if p.poll() is None:
             p.kill()
+            p.communicate()
+
+
+def test_cli_serve_answers_and_exits_on_sigint():
+    with _cli_server() as (p, port):
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert "Traceback" not in err
     assert out.strip() == f"edge-ds serve: edge-ds-tiny at http://127.0.0.1:{port}/v1 (Ctrl-C stops)"
+
+
+def test_client_leaving_mid_body_leaves_no_traceback():
+    with _cli_server() as (p, port):
+        for reset in (False, True):  # closed (FIN), then reset (RST), 10 of 1000 bytes sent
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000\r\n\r\n" + b'{"prompt":')
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        status, body = request(SimpleNamespace(url=f"http://127.0.0.1:{port}"), "/v1/completions",
+                               {"prompt": PROMPT, "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "Traceback" not in err, err
+
+
+def test_busy_port_or_bad_host_is_one_error(lm):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for host, port, reason in (("127.0.0.1", port, "Address already in use"),
+                                   ("192.0.2.1", 8080, ""), ("127.0.0.1", 70000, "")):
+            with pytest.raises(EdgeDSError) as e:
+                make_server(lm, host, port, quiet=True)
+            assert str(e.value).startswith(f"cannot listen on {host}:{port} ({reason}"), e.value
+            shown = "".join(traceback.format_exception(e.value))
+            assert shown.count("Traceback") == 1 and "AttributeError" not in shown, shown
+
+
+def test_cli_serve_on_a_busy_port_is_one_line():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = _cli("serve", "--port", str(port))
+        try:
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 1 and out == ""
+    assert err.splitlines() == [f"edge-ds: error: cannot listen on 127.0.0.1:{port} (Address already in use)"]
