@@ -55,13 +55,24 @@ class Generation:
 
 
 class TextStream:
-    """Iterates text chunks as they are generated; `.stats` and `.text` are complete at the end."""
+    """Iterates text chunks as they are generated; `.stats` and `.text` are complete at the end.
+
+    cancel() may be called from any thread (a UI's Stop button): the generating thread stops
+    before its next token and the stream ends with finish_reason "cancelled"."""
 
     def __init__(self, chunks: Iterator[str], stats: GenerationStats):
         self._chunks = chunks
         self.stats = stats
         self.tokens: list[int] = []
         self.text = ""
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[str]:
         for chunk in self._chunks:
@@ -173,7 +184,7 @@ class LanguageModel:
         cache = cache if cache is not None else self.new_cache()
         stats = GenerationStats()
         stream = TextStream(iter(()), stats)
-        stream._chunks = self._chunks(ids, cache, sampler, opts, stats, stream.tokens)
+        stream._chunks = self._chunks(ids, cache, sampler, opts, stats, stream.tokens, stream._cancel)
         return stream
 
     def generate(self, prompt: Prompt, **options) -> Generation:
@@ -187,7 +198,7 @@ class LanguageModel:
         return ChatSession(self, system)
 
     def _chunks(self, ids: list[int], cache: PromptCache, sampler: Sampler, opts: SamplingOptions,
-                stats: GenerationStats, tokens_out: list[int]) -> Iterator[str]:
+                stats: GenerationStats, tokens_out: list[int], cancel: threading.Event) -> Iterator[str]:
         _on_mlx_thread()
         detok = self.tokenizer.detokenizer()
         eos = set(self.tokenizer.eos_ids)
@@ -197,6 +208,9 @@ class LanguageModel:
         try:
             for t in generate_tokens(self.backend, ids, cache, sampler, opts.max_tokens, stats,
                                      opts.repetition_penalty, opts.repetition_context_size):
+                if cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
                 if t in eos:
                     stats.finish_reason = "stop"
                     break
@@ -220,11 +234,11 @@ class LanguageModel:
             stats.finish_reason = "interrupted"
             raise
         finally:
-            if pending and stats.finish_reason != "interrupted":
+            if pending and stats.finish_reason not in ("interrupted", "cancelled"):
                 if stops:
                     hit = min((pending.find(s) for s in stops if s in pending), default=-1)
                     pending = pending if hit < 0 else pending[:hit]
-        if pending:
+        if pending and not cancel.is_set():
             yield pending
 
 

@@ -26,7 +26,7 @@ class GenerationStats:
     generation_tokens: int = 0
     generation_tps: float = 0.0  # generated tokens / time from the first to the last
     peak_memory_gb: float = 0.0  # the backend's peak (MLX: its peak allocation; onnx: the process's peak RSS)
-    finish_reason: str = "length"  # "stop" (EOS or stop string), "length", "interrupted"
+    finish_reason: str = "length"  # "stop" (EOS or stop string), "length", "interrupted", "cancelled"
 
     def to_dict(self) -> dict:
         return asdict(self)

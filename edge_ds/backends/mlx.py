@@ -11,6 +11,7 @@ from ..backend import ExpertOptions
 from ..errors import EdgeDSError
 from ..layout import WEIGHTS_GLOB, has_weights
 from ..cache import PromptCache
+from ..config import ModelConfig
 from ..experts import ExpertCache, TraceRecorder, attach_experts
 from ..loading import load_model
 from ..models.deepseek import Model
@@ -50,10 +51,11 @@ def load(directory: Path, experts: ExpertOptions | None = None) -> MLXBackend:
     """The whole model resident, or (with `experts`) the trunk resident and routed experts read on
     demand into a cache of at most `experts.budget` bytes, with identical results. On Apple
     Silicon the weights in memory (trunk and expert slots) are wired."""
+    ModelConfig.load(directory)  # a bad config.json is the first thing to say
     if not has_weights(directory):
         what = "expert_budget and trace need" if experts is not None else "the mlx backend needs"
-        raise EdgeDSError(f"{directory}: {what} MLX weights ({WEIGHTS_GLOB}); this directory has none "
-                          "(an ONNX export keeps every expert in its graph): convert the checkpoint with edge-ds convert")
+        raise EdgeDSError(f"{directory}: {what} MLX weights ({WEIGHTS_GLOB}), and this directory has none; "
+                          "convert the checkpoint with edge-ds convert")
     if experts is None:
         model = load_model(directory)
         wire(model)
