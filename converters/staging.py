@@ -40,9 +40,11 @@ def missing_tensor(ckpt: Checkpoint, name: str) -> EdgeDSError:
 def staged_output(src: Path, dst: Path) -> Iterator[Path]:
     """Yields a hidden temporary directory beside DST. When the block succeeds, SRC's tokenizer
     files are copied in and it is renamed to DST; on any error it is removed, so a failed or
-    interrupted run never leaves a half-written DST."""
+    interrupted run never leaves a half-written DST. A run killed outright (SIGKILL, power loss)
+    cannot remove its directory: the next run to the same DST does."""
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -50,7 +52,40 @@ def staged_output(src: Path, dst: Path) -> Iterator[Path]:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except OSError as e:  # another run wrote DST meanwhile
+            raise EdgeDSError(f"{dst}: cannot create it ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_partials(dst: Path) -> list[Path]:
+    """Removes the temporary directories of earlier runs to DST whose process is gone (a live one
+    is a run still writing, and is left alone); returns those removed."""
+    prefix = f".{dst.name}.partial-"
+    try:
+        leftovers = [p for p in dst.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for p in leftovers:
+        pid = p.name[len(prefix):]
+        if pid.isascii() and pid.isdigit() and len(pid) < 10 and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (on Windows, assumed: os.kill there would terminate it)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True

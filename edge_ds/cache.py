@@ -8,6 +8,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from .checkpoint import SafetensorsFile
 from .errors import EdgeDSError
 
 CACHE_FORMAT = "edge-ds-prompt-cache-v1"
@@ -109,27 +110,52 @@ class PromptCache:
         meta = {"format": CACHE_FORMAT, "num_layers": str(len(self.layers)),
                 "tokens": json.dumps(self.tokens), "model": model_fingerprint}
         path = Path(path)
+        # Written beside it and renamed over it: a save that is killed leaves the old file whole.
         tmp = path.with_name(path.name + ".tmp.safetensors")
-        mx.save_safetensors(str(tmp), arrays, metadata=meta)
-        tmp.replace(path)
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=meta)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int, model_fingerprint: str = "") -> "PromptCache":
-        try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
-        except Exception as e:  # mlx raises RuntimeError/ValueError with its own wording
-            raise EdgeDSError(f"{path}: not a readable prompt cache ({e})") from None
+        # Our own parser checks the whole header first: mx.load trusts it (a shape's element count
+        # wraps around in its 32-bit arithmetic), and a cache file may come from anywhere.
+        with SafetensorsFile(path) as f:
+            meta, shapes = f.metadata, {name: (t.shape, t.dtype) for name, t in f.tensors.items()}
         if meta.get("format") != CACHE_FORMAT:
             raise EdgeDSError(f"{path}: not an edge-ds prompt cache")
-        if int(meta.get("num_layers", -1)) != num_layers or (
+        layers = meta.get("num_layers", "")
+        if not (layers.isascii() and layers.isdigit() and int(layers) == num_layers) or (
                 model_fingerprint and meta.get("model") and meta["model"] != model_fingerprint):
             raise EdgeDSError(f"{path}: the prompt cache was made with a different model")
+        try:
+            tokens = json.loads(meta.get("tokens", ""))
+        except (ValueError, RecursionError):
+            tokens = None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in tokens):
+            raise EdgeDSError(f"{path}: metadata 'tokens' is not a JSON list of token ids")
+        for i in range(num_layers):
+            if f"layer.{i}" not in shapes:  # a layer holding no tokens is not saved
+                if tokens:
+                    raise EdgeDSError(f"{path}: layer {i} is missing, expected {len(tokens)} tokens")
+                continue
+            shape, dtype = shapes[f"layer.{i}"]
+            if len(shape) != 4 or shape[1] != 1 or shape[2] != len(tokens) or dtype not in ("F32", "F16", "BF16") \
+                    or not 0 < shape[0] * shape[3] < 2**31:
+                raise EdgeDSError(f"{path}: layer {i} is {dtype} {list(shape)}, expected latent rows "
+                                  f"[batch, 1, {len(tokens)} tokens, width] of floats")
+        try:
+            arrays = mx.load(str(path))
+        except Exception as e:  # mlx raises RuntimeError/ValueError with its own wording
+            raise EdgeDSError(f"{path}: not a readable prompt cache ({e})") from None
         cache = cls(num_layers)
-        cache.tokens = json.loads(meta["tokens"])
+        cache.tokens = tokens
         for i, c in enumerate(cache.layers):
             if f"layer.{i}" in arrays:
                 c.update_and_fetch(arrays[f"layer.{i}"])
-            if c.offset != len(cache.tokens):
-                raise EdgeDSError(f"{path}: layer {i} holds {c.offset} tokens, expected {len(cache.tokens)}")
         return cache
 

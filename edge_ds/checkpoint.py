@@ -22,6 +22,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from .config import brief
 from .errors import EdgeDSError
 from .layout import INDEX_FILE
 
@@ -31,6 +32,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # Largest single read syscall: Linux caps one read at ~2 GiB, macOS at INT_MAX.
 _MAX_READ = 1 << 30
+# numpy 1.x arrays have at most 32 dimensions (numpy 2: 64); real tensors have a handful.
+MAX_DIMS = 32
 
 
 def pread_into(fd: int, view: memoryview, offset: int) -> int:
@@ -119,6 +122,13 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, say: no such file either
+        return False
+
+
 class SafetensorsFile:
     """One safetensors file: its validated header, and reads of single tensors."""
 
@@ -152,12 +162,14 @@ class SafetensorsFile:
             raise self._fail(f"cannot read: {e.strerror or e}") from None
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-        except (UnicodeDecodeError, ValueError) as e:
+        except (ValueError, RecursionError) as e:  # also bad UTF-8, too-long integers, too-deep nesting
             raise self._fail(f"safetensors header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise self._fail("safetensors header is not a JSON object")
 
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
         if not isinstance(meta, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
         ):
@@ -182,19 +194,24 @@ class SafetensorsFile:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise self._fail(f"tensor {name!r}: header entry needs dtype, shape and data_offsets")
         code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if code not in _DTYPES:
-            raise self._fail(f"tensor {name!r}: unknown dtype {code!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise self._fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(code, str) or code not in _DTYPES:
+            raise self._fail(f"tensor {name!r}: unknown dtype {brief(code)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape[:MAX_DIMS + 1]):
+            raise self._fail(f"tensor {name!r}: shape {brief(shape)} is not a list of non-negative integers")
+        itemsize = _DTYPES[code].itemsize
+        # numpy refuses more dimensions, or sizes past 2**63 bytes even with a zero dimension elsewhere.
+        if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) * itemsize >= 2**63:
+            raise self._fail(f"tensor {name!r}: shape {brief(shape)} is too large for an array")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise self._fail(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+            raise self._fail(f"tensor {name!r}: data_offsets {brief(offsets)} is not [begin, end] "
+                             "with 0 <= begin <= end")
         begin, end = offsets
-        expected = math.prod(shape) * _DTYPES[code].itemsize
+        expected = math.prod(shape) * itemsize
         if end - begin != expected:
             raise self._fail(
                 f"tensor {name!r}: data_offsets span {end - begin} bytes but {code} {shape} needs {expected}"
@@ -293,15 +310,18 @@ class Checkpoint:
     def _load_index(self, index: Path) -> None:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        except (OSError, ValueError, RecursionError, AttributeError) as e:
             raise EdgeDSError(f"{index}: not a valid safetensors index ({e})") from None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise EdgeDSError(f"{index}: weight_map must map tensor names to shard file names")
         for shard in sorted(set(weight_map.values())):
+            # A shard is a file of this directory: never a path that reads files elsewhere.
+            if shard in ("", ".", "..") or Path(shard).name != shard:
+                raise EdgeDSError(f"{index}: shard {brief(shard)} is not a file name in {self.directory}")
             path = self.directory / shard
-            if not path.is_file():
+            if not _is_file(path):
                 raise EdgeDSError(f"{index}: shard {shard} is missing from {self.directory}")
             self._files[path] = SafetensorsFile(path)
         for name, shard in weight_map.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 YARN_TYPES = ("yarn", "deepseek_yarn")
 QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+MAX_INT = 2**31 - 1  # MLX shapes are 32-bit
+MAX_LAYERS = 4096  # DeepSeek-V3 has 61
+MAX_EXPERTS = 65536  # Kimi-K2 has 384
 
 
 def rope_type(scaling: dict | None) -> str:
@@ -135,10 +139,13 @@ class ModelConfig:
 
         def check(key: str, value: Any, kind: type | tuple) -> Any:
             ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
-            if kind == float and isinstance(value, int) and not isinstance(value, bool):
-                ok, value = True, float(value)
+            if kind == float:
+                ok, value = _is_number(value), _to_float(value)
+            elif kind == int and ok and not -MAX_INT <= value <= MAX_INT:
+                raise EdgeDSError(f"{source}: field '{key}' is {brief(value)}, beyond ±{MAX_INT} (shapes are 32-bit)")
             if not ok:
-                raise EdgeDSError(f"{source}: field '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+                need = "a finite number" if kind == float else getattr(kind, "__name__", kind)
+                raise EdgeDSError(f"{source}: field '{key}' must be {need}, got {brief(value)}")
             return value
 
         def opt(key: str, default: Any, kind: type | tuple = int) -> Any:
@@ -148,7 +155,7 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type not in MODEL_TYPES:
             raise EdgeDSError(
-                f"{source}: unsupported model_type {model_type!r} (edge-ds runs {', '.join(MODEL_TYPES)})"
+                f"{source}: unsupported model_type {brief(model_type)} (edge-ds runs {', '.join(MODEL_TYPES)})"
             )
         is_v3 = model_type != "deepseek_v2"
 
@@ -201,7 +208,9 @@ class ModelConfig:
             raise EdgeDSError(f"{path}: not found (is {directory} a model directory?)")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except OSError as e:
+            raise EdgeDSError(f"{path}: cannot read ({e.strerror or e})") from None
+        except (ValueError, RecursionError) as e:  # also bad UTF-8, too-long integers, too-deep nesting
             raise EdgeDSError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise EdgeDSError(f"{path}: expected a JSON object")
@@ -213,8 +222,21 @@ class ModelConfig:
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
-                     "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq"):
+                     "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq", "moe_intermediate_size",
+                     "max_position_embeddings"):
             if getattr(self, name) <= 0:
+                fail(f"field '{name}' must be positive, got {getattr(self, name)}")
+        for name in ("first_k_dense_replace", "num_nextn_predict_layers", "n_shared_experts"):
+            if (getattr(self, name) or 0) < 0:
+                fail(f"field '{name}' must not be negative, got {getattr(self, name)}")
+        # Layers and experts are iterated (moe_layers, the converter's plan): bound them, so a corrupt
+        # value fails here instead of hanging later.
+        if self.num_hidden_layers > MAX_LAYERS:
+            fail(f"field 'num_hidden_layers' is {self.num_hidden_layers}, over the limit of {MAX_LAYERS}")
+        if (self.n_routed_experts or 0) > MAX_EXPERTS:
+            fail(f"field 'n_routed_experts' is {self.n_routed_experts}, over the limit of {MAX_EXPERTS}")
+        for name in ("rms_norm_eps", "routed_scaling_factor"):
+            if not getattr(self, name) > 0:
                 fail(f"field '{name}' must be positive, got {getattr(self, name)}")
         if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
             fail(f"field 'qk_rope_head_dim' must be a positive even number, got {self.qk_rope_head_dim}")
@@ -230,9 +252,9 @@ class ModelConfig:
                 fail(f"field 'index_head_dim' ({self.index_head_dim}) must be at least qk_rope_head_dim "
                      f"({self.qk_rope_head_dim}): the indexer ropes that many of its dims")
         if self.topk_method not in TOPK_METHODS:
-            fail(f"field 'topk_method' must be one of {TOPK_METHODS}, got {self.topk_method!r}")
+            fail(f"field 'topk_method' must be one of {TOPK_METHODS}, got {brief(self.topk_method)}")
         if self.scoring_func not in SCORING_FUNCS:
-            fail(f"field 'scoring_func' must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+            fail(f"field 'scoring_func' must be one of {SCORING_FUNCS}, got {brief(self.scoring_func)}")
         if self.n_routed_experts is not None:
             e = self.n_routed_experts
             if e <= 0:
@@ -251,18 +273,24 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rtype = rope_type(self.rope_scaling)
             if rtype not in (*YARN_TYPES, "default"):
-                fail(f"field 'rope_scaling.type' {rtype!r} is not supported (yarn or default)")
+                fail(f"field 'rope_scaling.type' {brief(rtype)} is not supported (yarn or default)")
             if rtype in YARN_TYPES:
                 for k in ("factor", "original_max_position_embeddings"):
                     if not isinstance(self.rope_scaling.get(k), (int, float)):
                         fail(f"field 'rope_scaling.{k}' is required for yarn")
+                # What rope.py and softmax_scale compute with: logs of the first four, so positive.
+                for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                          "mscale_all_dim", "attention_factor"):
+                    v = self.rope_scaling.get(k)
+                    if v is not None and not (_is_number(v) and (v > 0 or k.startswith(("mscale", "attention")))):
+                        fail(f"field 'rope_scaling.{k}' must be a positive finite number, got {brief(v)}")
         if self.quantization is not None:
             q = self.quantization
             for k in ("group_size", "bits"):
                 if isinstance(q.get(k), bool) or not isinstance(q.get(k), int) or q[k] <= 0:
-                    fail(f"field 'quantization.{k}' must be a positive integer, got {q.get(k)!r}")
+                    fail(f"field 'quantization.{k}' must be a positive integer, got {brief(q.get(k))}")
             if q.get("mode", "affine") not in QUANT_MODES:
-                fail(f"field 'quantization.mode' must be one of {QUANT_MODES}, got {q.get('mode')!r}")
+                fail(f"field 'quantization.mode' must be one of {QUANT_MODES}, got {brief(q.get('mode'))}")
 
 
 def _rope_fields(d: dict, source: str) -> tuple[dict | None, float]:
@@ -282,6 +310,26 @@ def _rope_fields(d: dict, source: str) -> tuple[dict | None, float]:
             scaling = None
     if theta is None:
         theta = 10000.0
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise EdgeDSError(f"{source}: field 'rope_theta' must be a positive number, got {theta!r}")
+    if not _is_number(theta) or theta <= 0:
+        raise EdgeDSError(f"{source}: field 'rope_theta' must be a positive finite number, got {brief(theta)}")
     return scaling, float(theta)
+
+
+def _is_number(v: Any) -> bool:
+    """A JSON number that is a finite float (NaN, Infinity and integers past float range are not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) <= sys.float_info.max if isinstance(v, int) else math.isfinite(v)
+
+
+def _to_float(v: Any) -> Any:
+    return float(v) if _is_number(v) else v
+
+
+def brief(value: Any) -> str:
+    """repr(value) for an error message, cut short: a corrupt file's value can be megabytes."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer past Python's 4300-digit limit, or too deep a nesting
+        return "(a value too large to show)"
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"

@@ -4,11 +4,14 @@ and the response objects (whole and streamed) of chat and text completions."""
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .config import brief
 from .errors import OptionError
 from .options import SamplingOptions, is_int, is_number
 
@@ -39,26 +42,66 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body: a JSON object in UTF-8, else a RequestError saying what is wrong with it."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # also bad UTF-8, too-long integers, too-deep nesting
+        raise RequestError(f"the request body is not valid JSON ({e})") from None
+    _require_object(body)
+    return body
+
+
+def _require_object(body: Any) -> None:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+
+
+def _show(value: Any) -> str:
+    """A value as JSON for an error message, cut short."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        return brief(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
+def _text(value: str, param: str) -> str:
+    """Text the tokenizer can encode: no lone surrogates (JSON's "\\ud800" escapes)."""
+    m = _SURROGATE.search(value)
+    if m:
+        raise RequestError(f"'{param}' is not valid Unicode (a lone surrogate at character {m.start()})", param)
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    """options.is_number, refusing integers past float range (JSON has them) instead of raising OverflowError."""
+    return is_number(v) if not is_int(v) or abs(v) <= sys.float_info.max else False
+
+
 def _field(body: dict, name: str, check: Callable[[Any], bool], need: str, default: Any = None) -> Any:
     value = body.get(name)
     if value is None:
         return default
     if not check(value):
-        raise RequestError(f"'{name}' must be {need}, got {json.dumps(value)}", name)
+        raise RequestError(f"'{name}' must be {need}, got {_show(value)}", name)
     return value
 
 
 def _text_content(content: Any, param: str) -> str:
     """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
     if isinstance(content, str):
-        return content
+        return _text(content, param)
     if isinstance(content, list):
         parts = []
         for k, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise RequestError(f"'{param}[{k}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
                                    "this server takes text only", f"{param}[{k}]")
-            parts.append(part["text"])
+            parts.append(_text(part["text"], f"{param}[{k}].text"))
         return "".join(parts)
     raise RequestError(f"'{param}' must be a string or a list of text parts", param)
 
@@ -72,8 +115,8 @@ def parse_messages(value: Any) -> list[dict]:
         if not isinstance(m, dict):
             raise RequestError(f"'messages[{i}]' must be an object with role and content", f"messages[{i}]")
         role = m.get("role")
-        if role not in ROLES:
-            raise RequestError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
+        if not isinstance(role, str) or role not in ROLES:
+            raise RequestError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {_show(role)}",
                                f"messages[{i}].role")
         out.append({"role": ROLES[role], "content": _text_content(m.get("content"), f"messages[{i}].content")})
     return out
@@ -81,6 +124,7 @@ def parse_messages(value: Any) -> list[dict]:
 
 def check_fields(body: dict, chat: bool) -> None:
     """Refuse fields neither OpenAI's endpoint nor this server defines, with OpenAI's message."""
+    _require_object(body)
     unknown = [name for name in body if name not in (CHAT_FIELDS if chat else COMPLETION_FIELDS)]
     if len(unknown) == 1:
         raise RequestError(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
@@ -93,8 +137,10 @@ def check_prompt_size(prompt: str | list, max_chars: int, context: int, param: s
     which cannot fit a context window of `context` tokens."""
     if isinstance(prompt, str):
         n = len(prompt)
-    else:  # messages, or token ids (no text: the runtime counts them)
-        n = sum(len(m["content"]) for m in prompt if isinstance(m, dict))
+    elif isinstance(prompt, list):  # messages, or token ids (no text: the runtime counts them)
+        n = sum(len(m["content"]) for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str))
+    else:
+        raise RequestError(f"'{param}' must be text, token ids or messages", param)
     if n > max_chars:
         raise RequestError(f"'{param}' holds {n} characters of text, over the limit of {max_chars} for this "
                            f"model's context window of {context} tokens", param, code="context_length_exceeded")
@@ -107,7 +153,7 @@ def parse_prompt(value: Any, vocab_size: int) -> str | list[int]:
     if isinstance(value, str):
         if not value:
             raise RequestError("'prompt' is empty", "prompt")
-        return value
+        return _text(value, "prompt")
     if isinstance(value, list) and value and all(is_int(t) for t in value):
         if not all(0 <= t < vocab_size for t in value):
             raise RequestError(f"'prompt' token ids must be in [0, {vocab_size})", "prompt")
@@ -126,7 +172,7 @@ def _unsupported(body: dict) -> None:
     if best_of != 1:
         raise RequestError(f"'best_of' must be 1, got {best_of}", "best_of")
     for name in ("presence_penalty", "frequency_penalty"):
-        if _field(body, name, is_number, "a number", 0) != 0:
+        if _field(body, name, _is_number, "a number", 0) != 0:
             raise RequestError(f"'{name}' is not supported (use 'repetition_penalty')", name)
     for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "audio"):
         if body.get(name) not in (None, False, 0, "", [], {}):
@@ -149,6 +195,7 @@ def parse_options(body: dict) -> dict:
     """The sampling options of a request, as keyword arguments of LanguageModel.stream
     (max_tokens None: the rest of the context window, as OpenAI does). JSON types are checked
     here, values by SamplingOptions, the runtime's own check, with its message in our field names."""
+    _require_object(body)
     _unsupported(body)
     _field(body, "model", lambda v: isinstance(v, str), "a string")
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -158,11 +205,11 @@ def parse_options(body: dict) -> dict:
         raise RequestError("'stop' must be a non-empty string or a list of non-empty strings", "stop")
     options = dict(
         max_tokens=_field(body, max_name, is_int, "an integer"),
-        temperature=_field(body, "temperature", is_number, "a number", 1.0),
-        top_p=_field(body, "top_p", is_number, "a number", 1.0),
+        temperature=_field(body, "temperature", _is_number, "a number", 1.0),
+        top_p=_field(body, "top_p", _is_number, "a number", 1.0),
         top_k=_field(body, "top_k", is_int, "an integer", 0),
-        min_p=_field(body, "min_p", is_number, "a number", 0.0),
-        repetition_penalty=_field(body, "repetition_penalty", is_number, "a number"),
+        min_p=_field(body, "min_p", _is_number, "a number", 0.0),
+        repetition_penalty=_field(body, "repetition_penalty", _is_number, "a number"),
         seed=_field(body, "seed", is_int, "an integer"),
         stop=stop or (),
     )
@@ -176,6 +223,7 @@ def parse_options(body: dict) -> dict:
 
 def parse_stream(body: dict) -> tuple[bool, bool]:
     """(stream, include_usage)."""
+    _require_object(body)
     stream = _field(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
     opts = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     usage = opts.get("include_usage", False)

@@ -5,12 +5,18 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
+import inspect
 import json
+import math
 import re
+import time
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from .config import brief
 from .errors import EdgeDSError
 
 _REPLACEMENT = "\ufffd"
@@ -31,9 +37,12 @@ KIMI_PATTERN = "|".join([
 ])
 # Kimi reserves the ids right after the BPE ranks for special tokens (num_reserved_special_tokens).
 KIMI_RESERVED_IDS = 256
+KIMI_MAX_SPECIAL = 1 << 16  # special ids are made for the whole range up to the highest added one
+MAX_TOKEN_ID = 2**31 - 1  # MLX indexes embeddings with 32-bit ids
 # tiktoken's regex runs out of backtracking stack on very long runs; Kimi's tokenizer cuts runs of
 # whitespace or non-whitespace at this length before encoding, and so do we.
 _MAX_RUN = 25_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_MAX_RUN + 1, _MAX_RUN + 1))
 
 
@@ -43,8 +52,8 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeDSError(f"{path}: not valid JSON ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:  # also bad UTF-8, too-long integers, too-deep nesting
+        raise EdgeDSError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise EdgeDSError(f"{path}: expected a JSON object at the top level")
     return data
@@ -54,11 +63,18 @@ def _token_content(value: Any, path: Path, field: str) -> str | None:
     # HF configs store special tokens either as plain strings or as AddedToken dicts.
     if value is None:
         return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise EdgeDSError(f"{path}: {field} must be a string or {{\"content\": ...}}, got {value!r}")
+    content = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(content, str):
+        raise EdgeDSError(f"{path}: {field} must be a string or {{\"content\": ...}}, got {brief(value)}")
+    _require_unicode(content, f"{path}: {field}")
+    return content
+
+
+def _require_unicode(text: str, what: str) -> None:
+    """Refuses text with lone surrogates (JSON's "\\ud800"): no tokenizer can encode it."""
+    m = _SURROGATE.search(text)
+    if m:
+        raise EdgeDSError(f"{what} is not valid Unicode (a lone surrogate {m.group()!r} at {m.start()})")
 
 
 def _id_list(value: Any, path: Path, field: str) -> list[int]:
@@ -66,7 +82,7 @@ def _id_list(value: Any, path: Path, field: str) -> list[int]:
         return []
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        raise EdgeDSError(f"{path}: {field} must be an int or a list of ints, got {value!r}")
+        raise EdgeDSError(f"{path}: {field} must be an int or a list of ints, got {brief(value)}")
     return list(items)
 
 
@@ -271,6 +287,11 @@ class _TiktokenBackend:
         if low:
             raise EdgeDSError(f"{config_path}: added_tokens_decoder id {low[0]} is a BPE token of {path} "
                               f"(special tokens start at {n})")
+        # Every id between the ranks and the highest added one gets a reserved token: bound the gap.
+        far = [i for i in added if i >= n + KIMI_MAX_SPECIAL]
+        if far:
+            raise EdgeDSError(f"{config_path}: added_tokens_decoder id {far[0]} is more than {KIMI_MAX_SPECIAL} past "
+                              f"the {n} tokens of {path}")
         # Kimi's rule: ids n .. n+255 are all special tokens, named by added_tokens_decoder or else
         # <|reserved_token_{id}|>. Added ids past that range extend it.
         top = max([n + KIMI_RESERVED_IDS, *(i + 1 for i in added)])
@@ -341,7 +362,11 @@ def _added_tokens(config: dict, path: Path) -> dict[int, tuple[str, bool]]:
         try:
             token_id = int(key)
         except ValueError:
-            raise EdgeDSError(f"{path}: added_tokens_decoder key {key!r} is not an integer id") from None
+            token_id = -1
+        if not 0 <= token_id <= MAX_TOKEN_ID:
+            raise EdgeDSError(f"{path}: added_tokens_decoder key {brief(key)} is not a token id in [0, {MAX_TOKEN_ID}]")
+        if content == "":  # would match between any two characters (tiktoken then never finishes encoding)
+            raise EdgeDSError(f"{path}: added_tokens_decoder[{key}] has empty content")
         special = bool(value.get("special", True)) if isinstance(value, dict) else True
         if content is not None:
             added[token_id] = (content, special)
@@ -374,6 +399,8 @@ def _strftime_now(fmt: str) -> str:
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # jinja's built-in tojson escapes non-ASCII and HTML characters; chat templates expect neither.
+    if isinstance(indent, int) and indent > 64:  # written once per nesting level per item
+        raise _limit(f"tojson indent={indent} is over the limit of 64")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
 
@@ -479,6 +506,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids for text; BOS is prepended once when asked for and the model uses one."""
+        _require_unicode(text, "the text to encode")
         ids = self._backend.encode(text)
         if add_bos and self.add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
@@ -497,16 +525,32 @@ class Tokenizer:
         from jinja2 import TemplateError
         from jinja2.exceptions import SecurityError
 
+        deadline = _deadline.set(time.monotonic() + TEMPLATE_SECONDS)
         try:
             if self._compiled is None:
                 self._compiled = _template_env().from_string(self.chat_template)
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                         **variables)
+            out, n = [], 0
+            for piece in self._compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                                 **variables):
+                n += len(piece)
+                if n > TEMPLATE_MAX_CHARS:
+                    raise _limit(f"the output passed the limit of {TEMPLATE_MAX_CHARS} characters")
+                _tick()
+                out.append(piece)
+            text = "".join(out)
+            _require_unicode(text, "chat template: the output")
+            return text
+        except EdgeDSError:
+            raise
         except SecurityError as e:
             raise EdgeDSError(f"chat template: blocked unsafe operation ({e})") from e
         except TemplateError as e:
             raise EdgeDSError(f"chat template: {e}") from e
+        except Exception as e:  # the template's own failure: 1/0, a method given wrong types, endless recursion
+            raise EdgeDSError(f"chat template: {type(e).__name__}: {e}") from e
+        finally:
+            _deadline.reset(deadline)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     **variables: Any) -> list[int]:
@@ -522,14 +566,229 @@ class Tokenizer:
         return StreamingDetokenizer(self)
 
 
+# --- the chat-template sandbox ---------------------------------------------------------------------
+# A chat template is code from the model's author, run on every chat request. It runs in jinja's
+# immutable sandbox (no internals, no imports, no mutating its arguments) and within bounds, so that a
+# template that loops or grows without end fails fast with a clear error instead of hanging or
+# exhausting memory: a time limit counted at every loop step, call and piece of output; range() and
+# the output capped; operations that build a big value in one step (`*`, `**`, `%`, str.format,
+# padding and replacing) refused before they run when the result would pass the cap.
+TEMPLATE_SECONDS = 5.0  # one render
+TEMPLATE_MAX_CHARS = 1 << 25  # the output, and any value the template builds (characters or items)
+TEMPLATE_MAX_RANGE = 100_000  # jinja's own bound, as our error rather than its OverflowError
+_MAX_INT_BITS = 1 << 16  # integers the template computes
+
+_deadline: ContextVar[float] = ContextVar("edge_ds_template_deadline", default=math.inf)
+
+
+def _limit(what: str) -> EdgeDSError:
+    return EdgeDSError(f"chat template: {what}")
+
+
+def _tick() -> None:
+    if time.monotonic() > _deadline.get():
+        raise _limit(f"rendering took over {TEMPLATE_SECONDS:g} s (a loop without end?)")
+
+
+def _size(value: Any) -> int:
+    """Roughly what rendering `value` writes: a string's characters, a container's items and theirs
+    (a shared item counted where it appears); an int's digits. Counts each container once."""
+    memo: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if isinstance(v, str):
+            return len(v)
+        if isinstance(v, int):
+            return v.bit_length() // 3 + 1
+        if not isinstance(v, (list, tuple, dict)):
+            return 1
+        if id(v) not in memo:
+            memo[id(v)] = 1  # a cycle counts once
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            memo[id(v)] = len(v) + sum(map(size, items))
+        return memo[id(v)]
+
+    return size(value)
+
+
+def _refuse_over(n: int, what: str) -> None:
+    if n > TEMPLATE_MAX_CHARS:
+        raise _limit(f"{what} would build a value of about {n} characters, over the limit of {TEMPLATE_MAX_CHARS}")
+
+
+def _checked(value: Any, what: str) -> Any:
+    """value, unless it is over the size bound (stops a template growing a value step by step)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _MAX_INT_BITS:
+        raise _limit(f"{what} built an integer of {value.bit_length()} bits, over the limit of {_MAX_INT_BITS}")
+    _refuse_over(_size(value), what)
+    return value
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?([-#0 +*.\d]*)")  # %(name)-08.3f: the flags, width, precision
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")  # {0:>{w}}: what follows the colon
+
+
+def _format_size(fmt: str, values: list, percent: bool) -> int:
+    """An upper bound of what `fmt % values` (percent) or `fmt.format(*values)` writes: each field at
+    most as wide as the widest value plus the widths its spec writes, or takes from the arguments."""
+    specs = (_PERCENT_SPEC if percent else _BRACE_SPEC).findall(fmt)
+    widths = sum(int(d) if len(d) < 19 else 2**63 for spec in specs for d in re.findall(r"\d+", spec))
+    passed = any(("*" if percent else "{") in spec for spec in specs)  # %*d, {:{}}
+    widest = max((abs(v) for v in values if isinstance(v, int)), default=0) if passed else 0
+    return len(fmt) + widths + len(specs) * (max(map(_size, values), default=0) + widest)
+
+
+def _replace_size(s: Any, old: Any, new: Any, count: Any = -1) -> int:
+    if not (isinstance(s, str) and isinstance(old, str) and isinstance(new, str)):
+        return 0
+    n = s.count(old) if old else len(s) + 1
+    if isinstance(count, int) and count >= 0:
+        n = min(n, count)
+    return len(s) + n * max(len(new) - len(old), 0)
+
+
+def _str_method_size(s: str, name: str, args: tuple, kwargs: dict) -> int:
+    """What calling the str method `name` of s would write, for the methods that can make it much longer."""
+    first = args[0] if args else next(iter(kwargs.values()), 0)
+    if name in ("center", "ljust", "rjust", "zfill"):
+        return first if isinstance(first, int) else 0
+    if name == "expandtabs":
+        return len(s) + s.count("\t") * (first if isinstance(first, int) else 8)
+    if name == "replace":
+        return _replace_size(s, *args[:3])
+    if name == "join":
+        return _size(first) + len(s) * len(first) if isinstance(first, (list, tuple)) else 0
+    if name in ("format", "format_map"):
+        if name == "format_map":
+            args = tuple(first.values()) if isinstance(first, dict) else ()
+        return _format_size(s, [*args, *kwargs.values()], percent=False)
+    return 0
+
+
+def _wrap_size(s: str, width: Any, wrapstring: Any) -> int:
+    lines = len(s) // max(width if isinstance(width, int) else 1, 1) + 1
+    return len(s) + lines * len(str(wrapstring or "\n"))
+
+
+# Filters that can write far more than they are given: the size of their result from their arguments.
+_FILTER_SIZES: dict[str, Callable[[dict], int]] = {
+    "center": lambda a: a.get("width", 80) if isinstance(a.get("width", 80), int) else 0,
+    "indent": lambda a: len(str(a["s"])) + (a.get("width", 4) if isinstance(a.get("width", 4), int)
+                                            else len(str(a.get("width")))) * (str(a["s"]).count("\n") + 1),
+    "replace": lambda a: _replace_size(a["s"], a["old"], a["new"], a.get("count")),
+    "join": lambda a: _size(a["value"]) + len(str(a.get("d", ""))) * len(a["value"])
+    if isinstance(a["value"], (list, tuple)) else 0,
+    "format": lambda a: _format_size(str(a["value"]), [*a.get("args", ()), *a.get("kwargs", {}).values()], True),
+    "batch": lambda a: a["linecount"] if isinstance(a["linecount"], int) and a.get("fill_with") is not None else 0,
+    "wordwrap": lambda a: _wrap_size(str(a["s"]), a.get("width", 79), a.get("wrapstring")),
+}
+
+
+def _sized_filter(name: str, f: Callable) -> Callable:
+    sig = inspect.signature(f) if name in _FILTER_SIZES else None
+
+    @functools.wraps(f)  # keeps jinja's pass_context/pass_environment marks
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        if sig is not None:
+            try:
+                bound = sig.bind(*args, **kwargs).arguments
+            except TypeError:
+                pass  # wrong arguments: the filter's own call says so
+            else:
+                _refuse_over(_FILTER_SIZES[name](bound), f"the {name} filter")
+        return _checked(f(*args, **kwargs), f"the {name} filter")
+
+    return checked
+
+
+def _range(*args: Any) -> range:
+    r = range(*args)
+    try:
+        n = len(r)
+    except OverflowError:  # longer than sys.maxsize
+        n = math.inf
+    if n > TEMPLATE_MAX_RANGE:
+        raise _limit(f"range() of {n} numbers is over the limit of {TEMPLATE_MAX_RANGE}")
+    return r
+
+
+def _steps(iterable: Any) -> Iterator[Any]:
+    """A loop's items, each step counted against the time limit."""
+    for item in iterable:
+        _tick()
+        yield item
+
+
+def _concat(pieces: Any) -> str:
+    """`a ~ b`, a macro's or a block's output: joined after checking the size."""
+    pieces = [p if isinstance(p, str) else str(p) for p in pieces]
+    _refuse_over(sum(map(len, pieces)), "joining text")
+    return "".join(pieces)
+
+
+@functools.lru_cache(maxsize=1)
 def _template_env() -> Any:
+    """The sandbox every chat template renders in (one, shared: rendering keeps no state in it)."""
+    from jinja2 import nodes
+    from jinja2.runtime import Namespace
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=["jinja2.ext.loopcontrols"])
+    class BoundedNamespace(Namespace):
+        def __setitem__(self, name: str, value: Any) -> None:
+            super().__setitem__(name, _checked(value, f"namespace attribute {name!r}"))
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "%"})  # the operators that build a big value in one step
+
+        def _parse(self, source: str, name: str | None, filename: str | None) -> Any:
+            # Every loop steps through _steps (the time limit), every `~` through _concat (the size limit).
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(nodes.For):
+                loop.iter = nodes.Filter(loop.iter, "_steps", [], [], None, None, lineno=loop.lineno)
+            for node in tree.find_all(nodes.Concat):
+                node.nodes = [nodes.Filter(nodes.List(node.nodes), "_concat", [], [], None, None, lineno=node.lineno)]
+            return tree
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            _tick()
+            method = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
+            if isinstance(getattr(method, "__self__", None), str):
+                _refuse_over(_str_method_size(method.__self__, method.__name__, args, kwargs),
+                             f"str.{method.__name__}()")
+            return _checked(super().call(__context, __obj, *args, **kwargs), "a call")
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            ints = isinstance(left, int) and isinstance(right, int)
+            if operator == "*" and ints:
+                bits = left.bit_length() + right.bit_length()
+            elif operator == "*":
+                bits = 0
+                count, seq = (left, right) if isinstance(left, int) else (right, left)
+                if isinstance(count, int) and isinstance(seq, (str, list, tuple)):
+                    _refuse_over(_size(seq) * max(count, 0), "`*`")
+            elif operator == "**" and ints and right > 0 and abs(left) > 1:
+                bits = left.bit_length() * right
+            elif operator == "%" and isinstance(left, str):
+                bits = 0
+                values = list(right.values()) if isinstance(right, dict) else list(right) if isinstance(right, tuple) \
+                    else [right]
+                _refuse_over(_format_size(left, values, percent=True), "`%` formatting")
+            else:
+                bits = 0
+            if bits > _MAX_INT_BITS:
+                raise _limit(f"`{operator}` would build an integer of about {bits} bits, over the limit of "
+                             f"{_MAX_INT_BITS}")
+            return _checked(super().call_binop(context, operator, left, right), f"`{operator}`")
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
+    env.filters = {name: _sized_filter(name, f) for name, f in env.filters.items()}
+    env.filters["_steps"], env.filters["_concat"] = _steps, _concat
+    env.concat = _concat
+    env.globals.pop("lipsum", None)  # placeholder text: no chat template needs it, its size is unbounded
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, range=_range,
+                       namespace=BoundedNamespace)
     return env
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..config import brief
 from ..errors import EdgeDSError
 
 FORMAT = 1
@@ -76,24 +78,91 @@ class Trace:
 
 
 def load_trace(path: str | Path) -> Trace:
+    """Reads a trace. A run killed while writing leaves at most its last line unfinished (each
+    record is one line, written and flushed whole): such a line is left out, so the trace reads up
+    to its last complete record. Anything else malformed is an error naming the file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise EdgeDSError(f"{path}: cannot read the trace: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise EdgeDSError(f"{path}: not an edge-ds routing trace (not UTF-8 text: {e.reason} at byte {e.start})") \
+            from None
+    lines = text.split("\n")
+    unfinished = lines.pop()  # "" when the file ends with its newline
+    records: list[tuple[int, Any]] = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            records.append((n, json.loads(line)))
+        except (ValueError, RecursionError) as e:
+            why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise EdgeDSError(f"{path}: line {n} is not an edge-ds trace record ({why})") from None
     try:
-        header = json.loads(lines[0]) if lines else {}
-        if header.get("edge_ds_trace") != FORMAT:
-            raise ValueError("no edge_ds_trace header")
-        merged: dict[tuple[int, int], Step] = {}
-        for n, line in enumerate(lines[1:], start=2):
-            r = json.loads(line)
-            for i, row in enumerate(r["experts"]):
-                key = (int(r["t"]) + i, int(r["layer"]))
-                step = merged.setdefault(key, Step(key[0], key[1], (), bool(r["prefill"])))
-                step.experts = tuple(sorted(set(step.experts) | {int(e) for e in row}))
-                if "hints" in r and step.hints is None:
-                    step.hints = {int(m): tuple(int(e) for e in g[i]) for m, g in r["hints"].items()}
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise EdgeDSError(f"{path}: not an edge-ds routing trace ({e})") from None
+        records.append((len(lines) + 1, json.loads(unfinished)))
+    except (ValueError, RecursionError):
+        pass  # the line a killed writer was in the middle of
+    if not records:
+        raise EdgeDSError(f"{path}: not an edge-ds routing trace (empty)")
+    header = records[0][1]
+    if not isinstance(header, dict) or header.get("edge_ds_trace") != FORMAT:
+        raise EdgeDSError(f"{path}: not an edge-ds routing trace (line 1 is not an edge_ds_trace {FORMAT} header)")
+    for key in ("num_experts", "top_k", "expert_bytes"):
+        if not _count(header.get(key)) or header[key] == 0:
+            raise EdgeDSError(f"{path}: line 1: header field '{key}' must be a positive integer, "
+                              f"got {brief(header.get(key))}")
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not all(_count(x) for x in layers):
+        raise EdgeDSError(f"{path}: line 1: header field 'layers' must be a list of layer numbers, got {brief(layers)}")
+    merged: dict[tuple[int, int], Step] = {}
+    for n, r in records[1:]:
+        problem = _record_problem(r, header["num_experts"])
+        if problem:
+            raise EdgeDSError(f"{path}: line {n}: {problem}")
+        for i, row in enumerate(r["experts"]):
+            key = (r["t"] + i, r["layer"])
+            step = merged.setdefault(key, Step(key[0], key[1], (), r["prefill"]))
+            step.experts = tuple(sorted(set(step.experts) | set(row)))
+            if "hints" in r and step.hints is None:
+                step.hints = {int(m): tuple(g[i]) for m, g in r["hints"].items()}
     return Trace(header, list(merged.values()))
+
+
+def _count(x: Any) -> bool:
+    """A non-negative JSON integer (true and false are not)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _record_problem(r: Any, num_experts: int) -> str | None:
+    """What is wrong with one record (None when nothing is): the fields replay reads, checked."""
+    if not isinstance(r, dict):
+        return "a record must be a JSON object"
+    for key in ("t", "layer"):
+        if not _count(r.get(key)):
+            return f"field '{key}' must be a non-negative integer, got {brief(r.get(key))}"
+    if not isinstance(r.get("prefill"), bool):
+        return f"field 'prefill' must be true or false, got {brief(r.get('prefill'))}"
+
+    def rows_problem(rows: Any, what: str, count: int | None) -> str | None:
+        if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+            return f"field '{what}' must be a list of expert lists, one per token"
+        if count is not None and len(rows) != count:
+            return f"field '{what}' has {len(rows)} tokens, but 'experts' has {count}"
+        bad = [e for row in rows for e in row if not _count(e) or e >= num_experts]
+        if bad:
+            return f"field '{what}' holds {brief(bad[0])}, not an expert of 0..{num_experts - 1}"
+        return None
+
+    problem = rows_problem(r.get("experts"), "experts", None)
+    if problem:
+        return problem
+    hints = r.get("hints", {})
+    if not isinstance(hints, dict):
+        return "field 'hints' must map later layers to expert lists"
+    for m, g in hints.items():
+        if not (m.isascii() and m.isdigit() and len(m) < 10):
+            return f"field 'hints' has {brief(m)}, not a layer number"
+        problem = rows_problem(g, f"hints.{m}", len(r["experts"]))
+        if problem:
+            return problem
+    return None

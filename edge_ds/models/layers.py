@@ -6,8 +6,13 @@ biases), so checkpoints in the mlx-lm layout load unchanged.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from .. import _blas
 
 
 class _Quantized(nn.Module):
@@ -40,7 +45,8 @@ class HeadLinear(nn.Module):
         self.weight = mx.zeros((num_heads, output_dims, input_dims))
 
     def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
-        return x @ (self.weight.swapaxes(-1, -2) if transpose else self.weight)
+        w = self.weight.swapaxes(-1, -2) if transpose else self.weight
+        return matmul(x, w) if dense_prefill(x.shape[-2]) else x @ w
 
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine") -> "QuantizedHeadLinear":
         return QuantizedHeadLinear(group_size, bits, mode).set_weight(self.weight)
@@ -49,8 +55,7 @@ class HeadLinear(nn.Module):
 class QuantizedHeadLinear(_Quantized):
     def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
         if dense_prefill(x.shape[-2]):
-            w = unpack(self, x.dtype)
-            return x @ (w.swapaxes(-1, -2) if transpose else w)
+            return dense_matmul(x, self, transpose=transpose)
         return mx.quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), transpose=transpose,
                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
 
@@ -66,18 +71,18 @@ class ExpertLinear(nn.Module):
         return mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=indices,
                             sorted_indices=sorted_indices)
 
-    def expert_weight(self, e: int, dtype: mx.Dtype) -> mx.array:
-        """Expert e's float weight [out, in]."""
-        return self["weight"][e].astype(dtype)
+    def expert_matmul(self, x: mx.array, e: int) -> mx.array:
+        """x [n, in] times expert e's weight -> [n, out] (CPU prefill: moe.py)."""
+        return matmul(x, self["weight"][e].astype(x.dtype).T)
 
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine") -> "QuantizedExpertLinear":
         return QuantizedExpertLinear(group_size, bits, mode).set_weight(self.weight)
 
 
 class QuantizedExpertLinear(_Quantized):
-    def expert_weight(self, e: int, dtype: mx.Dtype) -> mx.array:
-        """Expert e's weight unpacked to float [out, in]."""
-        return unpack(self, dtype, expert=e)
+    def expert_matmul(self, x: mx.array, e: int) -> mx.array:
+        """x [n, in] times expert e's weight unpacked to float -> [n, out] (CPU prefill: moe.py)."""
+        return dense_matmul(x, self, expert=e)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
@@ -95,6 +100,16 @@ PREFILL_ROWS = 16
 
 def dense_prefill(rows: int) -> bool:
     return rows >= PREFILL_ROWS and mx.default_device() == mx.cpu
+
+
+def dense_matmul(x: mx.array, module: nn.Module, expert: int | None = None, transpose: bool = True) -> mx.array:
+    """x @ W.T (x @ W unless `transpose`), W a quantized module's weights unpacked to float
+    (`expert` picks one expert of a stacked module): the CPU prefill product."""
+    if (numpy_route() and x.dtype == mx.float32 and module.mode == "affine" and 32 % module.bits == 0
+            and _macs(x.shape, _float_shape(module, expert, transpose)) >= NUMPY_MIN_MACS):
+        return _numpy_dense(x, module, expert, transpose)
+    w = unpack(module, x.dtype, expert)
+    return matmul(x, w.swapaxes(-1, -2) if transpose else w)
 
 
 @mx.compile
@@ -119,7 +134,97 @@ def unpack(module: nn.Module, dtype: mx.Dtype, expert: int | None = None) -> mx.
     return _unpack_affine(w, scales.astype(dtype), biases.astype(dtype), shifts, mask)
 
 
+# --- CPU prefill through numpy -----------------------------------------------------------
+# Without a system OpenBLAS (_blas.py) MLX's CPU float32 matmuls run on the mlx-cpu wheel's
+# reference BLAS, while numpy's wheel bundles an optimised OpenBLAS. So on the CPU the large
+# prefill products go through np.matmul: the inputs are evaluated and viewed in place by numpy
+# (MLX arrays export their buffer and strides, so nothing is copied in), and the product is copied
+# back into an mx.array. Quantized weights are unpacked by numpy too, straight into the array the
+# product reads: several times faster than MLX's CPU unpacking kernel, and no copy into MLX.
+# Each such product ends MLX's lazy graph (an eval), which costs little next to the product
+# itself above NUMPY_MIN_MACS multiply-adds; smaller ones stay in MLX. numpy's OpenBLAS is held
+# to one thread meanwhile (_blas.py: why).
+NUMPY_MIN_MACS = 1 << 18
+
+
+def numpy_route() -> bool:
+    """Whether large float32 products go through numpy here: on the CPU when MLX has no fast BLAS."""
+    return _blas.numpy_matmul and mx.default_device() == mx.cpu
+
+
+def _macs(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Multiply-adds of a @ b for these shapes (both at least 2-D)."""
+    return math.prod(np.broadcast_shapes(a[:-2], b[:-2])) * a[-2] * a[-1] * b[-1]
+
+
+def matmul(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b, through numpy for a large float32 product when numpy_route(); MLX's own otherwise."""
+    if (numpy_route() and a.dtype == b.dtype == mx.float32 and min(a.ndim, b.ndim) >= 2
+            and _macs(a.shape, b.shape) >= NUMPY_MIN_MACS):
+        mx.eval(a, b)
+        with _blas.one_numpy_blas_thread():
+            y = np.matmul(np.asarray(a), np.asarray(b))
+        return mx.array(y)
+    return a @ b
+
+
+def _float_shape(module: nn.Module, expert: int | None, transpose: bool) -> tuple[int, ...]:
+    """The shape of the float operand dense_matmul multiplies by (W.T or W)."""
+    *lead, out, words = module["weight"].shape
+    lead = lead[1:] if expert is not None else lead
+    inp = words * 32 // module.bits
+    return (*lead, inp, out) if transpose else (*lead, out, inp)
+
+
+def _numpy_dense(x: mx.array, module: nn.Module, expert: int | None, transpose: bool) -> mx.array:
+    w, scales, biases = module["weight"], module["scales"], module["biases"]
+    if expert is not None:
+        w, scales, biases = w[expert], scales[expert], biases[expert]
+    scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
+    mx.eval(x, w, scales, biases)
+    f = _unpack_numpy(np.asarray(w), np.asarray(scales), np.asarray(biases), module.bits)
+    with _blas.one_numpy_blas_thread():
+        y = np.matmul(np.asarray(x), f.swapaxes(-1, -2) if transpose else f)
+    return mx.array(y)
+
+
+def _unpack_numpy(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
+    """_unpack_affine's float32 values, computed by numpy: w [..., out, in * bits / 32] (uint32),
+    scales and biases [..., out, groups] (float32) -> [..., out, in]."""
+    q = _spread(np.ascontiguousarray(w).view(np.uint8), bits)  # [..., out, in], one value a byte
+    f = q.reshape(*scales.shape, -1).astype(np.float32)  # [..., out, groups, group_size]
+    f *= scales[..., None]
+    f += biases[..., None]
+    return f.reshape(q.shape)
+
+
+def _spread(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Bytes holding 8 // bits values each (lowest bits first) -> one value a byte, in order.
+
+    Little-endian (as MLX's hosts): a word's first values are in its first byte. Each byte is
+    widened to a word of 8 // bits bytes, and its values are moved to their bytes by halves (for
+    4 bits: v | v << 4, masked to 0x0F0F): whole-array integer ops rather than strided writes."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed
+    v = packed.astype(f"<u{per_byte}")
+    span = per_byte
+    while span > 1:
+        half = span // 2
+        field = (1 << (half * bits)) - 1  # the values of one half-field, one every half * 8 bits
+        mask = sum(field << (8 * half * j) for j in range(per_byte // half))
+        v = (v | (v << (half * (8 - bits)))) & np.array(mask, v.dtype)
+        span = half
+    return v.view(np.uint8).reshape(*packed.shape[:-1], -1)
+
+
 class Linear(nn.Linear):
+    def __call__(self, x: mx.array) -> mx.array:
+        if not (numpy_route() and dense_prefill(x.size // x.shape[-1])):
+            return super().__call__(x)
+        y = matmul(x, self["weight"].T)
+        return y + self["bias"] if "bias" in self else y
+
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedLinear":
         return QuantizedLinear.from_linear(self, group_size, bits, mode=mode)
 
@@ -165,5 +270,5 @@ class QuantizedLinear(nn.QuantizedLinear):
                 y = _split_matvec(x, self)
                 return y + self["bias"] if "bias" in self else y
             return super().__call__(x)
-        y = x @ unpack(self, x.dtype).T
+        y = dense_matmul(x, self)
         return y + self["bias"] if "bias" in self else y

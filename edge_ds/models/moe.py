@@ -120,9 +120,9 @@ class SwitchGLU(nn.Module):
                 continue
             with mx.stream(streams[len(outs) % 2]):
                 rows = xs[start:end]  # [n_e, D]
-                g = rows @ self.gate_proj.expert_weight(e, xs.dtype).T
-                u = rows @ self.up_proj.expert_weight(e, xs.dtype).T
-                outs.append((nn.silu(g) * u) @ self.down_proj.expert_weight(e, xs.dtype).T)
+                g = self.gate_proj.expert_matmul(rows, e)
+                u = self.up_proj.expert_matmul(rows, e)
+                outs.append(self.down_proj.expert_matmul(nn.silu(g) * u, e))
             start = end
         return mx.concatenate(outs, axis=0)
 
