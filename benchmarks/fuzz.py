@@ -931,17 +931,18 @@ def run(target: Target, cases: int | range, seed: int = 0, on_failure: Callable[
     return report
 
 
-def supervise(name: str, cases: int, seed: int, watchdog: float) -> Report:
+def supervise(name: str, cases: int, seed: int, watchdog: float, workdir: Path) -> Report:
     """Runs one parser's cases in a child process, restarted after a case that never ends where
     the alarm cannot reach it (native code) or that kills the process: that case is a failure."""
     report = Report(name)
     start, todo = time.perf_counter(), 0
     while todo < cases:
         proc = subprocess.Popen([sys.executable, __file__, "--child", "--only", name, "--seed", str(seed),
-                                 "--start", str(todo), "--cases", str(cases)], stdout=subprocess.PIPE)
-        buf, fd = b"", proc.stdout.fileno()
+                                 "--start", str(todo), "--cases", str(cases), "--workdir", str(workdir)],
+                                stdout=subprocess.PIPE)
+        buf, fd, ready = b"", proc.stdout.fileno(), False
         while True:
-            if not select.select([fd], [], [], watchdog)[0]:
+            if not select.select([fd], [], [], watchdog if ready else max(watchdog, 300))[0]:  # start-up: imports
                 proc.kill()
                 proc.wait()
                 failure = Failure(name, todo, "hang", f"no end after {watchdog:g} s, in native code (the alarm "
@@ -956,6 +957,9 @@ def supervise(name: str, cases: int, seed: int, watchdog: float) -> Report:
             *lines, buf = (buf + chunk).split(b"\n")
             for line in lines:
                 kind, _, rest = line.decode().partition(" ")
+                ready = True
+                if kind == "R":
+                    continue
                 if kind == "F":
                     report.failures.append(Failure(**json.loads(rest)))
                     print(report.failures[-1], file=sys.stderr, flush=True)
@@ -984,6 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the reports here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # supervise()'s worker
     p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)  # the parent's: a killed child leaves files
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
@@ -991,7 +996,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown parser {unknown[0]!r}; choose from {', '.join(TARGETS)}")
     if args.child or args.case is not None:
         with tempfile.TemporaryDirectory(prefix="edge-ds-fuzz-") as tmp:
-            target = TARGETS[names[0]](Path(tmp))
+            target = TARGETS[names[0]](Path(args.workdir or tmp))
+            if args.child:
+                print("R", flush=True)  # set up: from now on the watchdog counts
             if args.case is not None:
                 r = run(target, range(args.case, args.case + 1), args.seed,
                         on_failure=lambda f: print(f, file=sys.stderr, flush=True))
@@ -1002,12 +1009,13 @@ def main(argv: list[str] | None = None) -> int:
                 on_case=lambda i, outcome, dt: print(f"C {i} {outcome} {dt:.4f}", flush=True))
         return 0
     reports = []
-    for name in names:
-        r = supervise(name, args.cases, args.seed, args.watchdog)
-        reports.append(r)
-        print(f"{name:14s} {r.cases:8d} cases  {r.accepted:7d} accepted  {r.rejected:8d} rejected  "
-              f"{len(r.failures):4d} failures  {r.seconds:7.1f} s  slowest {r.slowest * 1000:6.0f} ms  "
-              f"peak RSS {r.peak_rss_mb:6.0f} MB", flush=True)
+    with tempfile.TemporaryDirectory(prefix="edge-ds-fuzz-") as tmp:
+        for name in names:
+            r = supervise(name, args.cases, args.seed, args.watchdog, Path(tmp))
+            reports.append(r)
+            print(f"{name:14s} {r.cases:8d} cases  {r.accepted:7d} accepted  {r.rejected:8d} rejected  "
+                  f"{len(r.failures):4d} failures  {r.seconds:7.1f} s  slowest {r.slowest * 1000:6.0f} ms  "
+                  f"peak RSS {r.peak_rss_mb:6.0f} MB", flush=True)
     total = sum(len(r.failures) for r in reports)
     print(f"{sum(r.cases for r in reports)} cases, {total} failures")
     if args.json:

@@ -1,11 +1,12 @@
 """Killed runs leave no half-written file behind.
 
 `edge-ds convert` and `edge-ds export-onnx` are started as subprocesses on a tiny checkpoint and
-killed with SIGKILL (which no process can catch) at several points: during start-up, as soon as the
-hidden `.DST.partial-PID` directory appears, once it holds its first file, once it holds a later one
-(picked by a seeded RNG), and once DST appears. Each time DST must be absent or equal, byte for
-byte, to an uninterrupted conversion, and SRC unchanged. The leftover temporary directories must not
-pass for a model, and the next conversion to the same DST must succeed and remove them.
+killed with SIGKILL (which no process can catch) at several points, watched every millisecond: a
+seeded delay into start-up, once the hidden `.DST.partial-PID` directory holds its k-th file (k
+seeded: mid-write), once DST appears, and as soon as the temporary directory appears. Each time DST
+must be absent or equal, byte for byte, to an uninterrupted conversion, and SRC unchanged; the
+leftover temporary directories must not pass for a model, and the next conversion to the same DST
+must succeed and remove them.
 PromptCache.save killed while saving leaves the old file or the complete new one; a routing trace's
 writer killed while writing leaves a trace that reads up to its last complete record.
 """
@@ -136,10 +137,12 @@ def test_killed_converter_and_exporter_leave_dst_complete_or_absent(src, tmp_pat
     print(outcomes)
 
     for name, (args, dst, ref) in jobs.items():
-        stale = partials(dst)
-        assert stale, f"no kill of {name} left a temp dir: the test no longer kills mid-write"
+        assert partials(dst), f"no kill of {name} left a temp dir: the test no longer kills mid-write"
         # The next run to the same DST is not confused by them, and removes them.
-        convert(src, dst, quant="4bit", dtype="bfloat16") if name == "convert" else export_onnx(src, dst)
+        if name == "convert":
+            convert(src, dst, quant="4bit", dtype="bfloat16")
+        else:
+            export_onnx(src, dst)
         assert tree(dst) == ref
         assert partials(dst) == []
 
