@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,11 @@ def is_int(v: Any) -> bool:
 
 def is_number(v: Any) -> bool:
     """A finite real number (NaN and infinities are not sampling parameters)."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    if isinstance(v, numbers.Integral):  # math.isfinite(10**400) raises instead of answering
+        return abs(v) <= sys.float_info.max
+    return math.isfinite(v)
 
 
 SEED_MAX = 2**64 - 1  # MLX's random seed is an unsigned 64-bit integer

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator
 
 from .api import LanguageModel
 from .errors import ContextLengthError, EdgeDSError
-from .openai_schema import (Reply, RequestError, Result, check_fields, check_prompt_size, parse_messages,
-                            parse_options, parse_prompt, parse_stream)
+from .openai_schema import (Reply, RequestError, Result, check_fields, check_prompt_size, parse_body,
+                            parse_messages, parse_options, parse_prompt, parse_stream)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # A generous bound on the characters one token stands for (typically about 4): a prompt of more than
@@ -283,13 +283,7 @@ class Handler(BaseHTTPRequestHandler):
         if len(raw) < n:  # the client closed the connection before sending its whole body
             raise ClientGone()
         self._body_read = True
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        return body
+        return parse_body(raw)  # a JSON object, or one clear 400 (deep nesting and huge numbers included)
 
     def _completion(self, chat: bool) -> None:
         body = self._read_json()

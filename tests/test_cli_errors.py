@@ -150,3 +150,9 @@ def test_generate_says_which_backend_ran_and_why():
     assert r.exit_code == 0 and "Backend: mlx (no faster export in the directory)" in r.output, r.output
     r = CliRunner().invoke(cli, ["generate", "--prompt", "In the beginning", "-m", "4", "--backend", "mlx"])
     assert "Backend: mlx (asked for)" in r.output
+
+
+def test_huge_integers_are_refused_not_overflowed():
+    """math.isfinite(10**400) raises OverflowError; the validator must answer in its own words."""
+    with pytest.raises(OptionError, match="^temperature must be a finite number"):
+        SamplingOptions(temperature=10**400)

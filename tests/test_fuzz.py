@@ -310,12 +310,16 @@ RECORD = '{"t":0,"layer":1,"prefill":false,"experts":[[1,2]]}\n'
 @pytest.mark.parametrize("text, message", [
     ("[1]\n" + RECORD, "line 1"),  # AttributeError: 'list' object has no attribute 'get'
     (HEADER + RECORD.replace('"t":0', '"t":Infinity'), "line 2: field 't'"),  # OverflowError
+    # Found by the 100,000-case run: OverflowError in replay's decayed-frequency policy.
+    (HEADER + RECORD.replace('"t":0', '"t":' + "9" * 400), "line 2: field 't'"),
+    (HEADER + RECORD.replace('"t":0', '"t":99999') + RECORD, "line 3: field 't' goes back from 99999 to 0"),
     (HEADER + RECORD.replace('"experts"', '"hints":[1],"experts"'), "line 2: field 'hints'"),  # AttributeError
     (HEADER + RECORD.replace("[[1,2]]", "[[1,2.5]]"), "line 2: field 'experts'"),
     (HEADER + RECORD.replace("[[1,2]]", "[[1,99]]"), "not an expert of 0..7"),
     (HEADER + RECORD.replace("[[1,2]]", DEEP), "line 2 is not"),  # RecursionError
     (HEADER.replace(',"expert_bytes":4', ""), "expert_bytes"),  # KeyError in replay
     (HEADER.replace('"expert_bytes":4', '"expert_bytes":0'), "expert_bytes"),  # ZeroDivisionError in replay
+    (HEADER.replace('"expert_bytes":4', '"expert_bytes":1' + "0" * 400), "expert_bytes"),  # OverflowError too
     (HEADER + "\n" + RECORD, "line 2 is not"),
     (HEADER + RECORD + RECORD[:20] + "\n", "line 3 is not"),  # a cut line in the middle is corruption
     ("", "empty"),

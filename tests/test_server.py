@@ -443,3 +443,12 @@ def test_cli_serve_on_a_busy_port_is_one_line():
                 p.kill()
     assert p.returncode == 1 and out == ""
     assert err.splitlines() == [f"edge-ds: error: cannot listen on 127.0.0.1:{port} (Address already in use)"]
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"temperature": 1' + b"0" * 5000 + b"}",
+                                 b'{"messages": [], "temperature": 1' + b"0" * 400 + b"}"])
+def test_hostile_bodies_are_400_not_500(server, raw):
+    """Deep nesting and integers past Python's digit limit or a float's range: one clear 400."""
+    status, body = request(server, "/v1/chat/completions", raw)
+    assert status == 400, body
+    assert "Traceback" not in body["error"]["message"]

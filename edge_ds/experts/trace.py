@@ -108,17 +108,21 @@ def load_trace(path: str | Path) -> Trace:
     if not isinstance(header, dict) or header.get("edge_ds_trace") != FORMAT:
         raise EdgeDSError(f"{path}: not an edge-ds routing trace (line 1 is not an edge_ds_trace {FORMAT} header)")
     for key in ("num_experts", "top_k", "expert_bytes"):
-        if not _count(header.get(key)) or header[key] == 0:
-            raise EdgeDSError(f"{path}: line 1: header field '{key}' must be a positive integer, "
+        if not _count(header.get(key)) or not 0 < header[key] < 2**53:  # replay computes with them as floats
+            raise EdgeDSError(f"{path}: line 1: header field '{key}' must be an integer in [1, 2**53), "
                               f"got {brief(header.get(key))}")
     layers = header.get("layers")
-    if not isinstance(layers, list) or not all(_count(x) for x in layers):
+    if not isinstance(layers, list) or not all(_count(x) and x < 2**53 for x in layers):
         raise EdgeDSError(f"{path}: line 1: header field 'layers' must be a list of layer numbers, got {brief(layers)}")
     merged: dict[tuple[int, int], Step] = {}
+    clock: dict[int, int] = {}  # layer -> its last record's token: the recorder's clock only moves on
     for n, r in records[1:]:
         problem = _record_problem(r, header["num_experts"])
+        if not problem and r["t"] < clock.get(r["layer"], 0):
+            problem = f"field 't' goes back from {clock[r['layer']]} to {r['t']} in layer {r['layer']}"
         if problem:
             raise EdgeDSError(f"{path}: line {n}: {problem}")
+        clock[r["layer"]] = r["t"]
         for i, row in enumerate(r["experts"]):
             key = (r["t"] + i, r["layer"])
             step = merged.setdefault(key, Step(key[0], key[1], (), r["prefill"]))
@@ -138,8 +142,8 @@ def _record_problem(r: Any, num_experts: int) -> str | None:
     if not isinstance(r, dict):
         return "a record must be a JSON object"
     for key in ("t", "layer"):
-        if not _count(r.get(key)):
-            return f"field '{key}' must be a non-negative integer, got {brief(r.get(key))}"
+        if not _count(r.get(key)) or r[key] >= 2**53:  # replay computes with them as floats
+            return f"field '{key}' must be an integer in [0, 2**53), got {brief(r.get(key))}"
     if not isinstance(r.get("prefill"), bool):
         return f"field 'prefill' must be true or false, got {brief(r.get('prefill'))}"
 
