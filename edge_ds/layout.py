@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import CSA, DeepseekV4Config, ModelConfig
 
 # --- files of a model directory -----------------------------------------------------------
 CONFIG_FILE = "config.json"
@@ -180,6 +180,8 @@ def quantizable(name: str, shape: tuple, group_size: int) -> bool:
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the main model in the Hugging Face layout, with the shape config.json
     implies (MTP layers excluded)."""
+    if isinstance(cfg, DeepseekV4Config):
+        return _v4_shapes(cfg)
     D, H = cfg.hidden_size, cfg.num_attention_heads
     r, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
@@ -228,4 +230,50 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 mlp(f"{p}.mlp.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts)
         else:
             mlp(f"{p}.mlp", cfg.intermediate_size)
+    return shapes
+
+
+def _v4_shapes(cfg: DeepseekV4Config) -> dict[str, tuple[int, ...]]:
+    """deepseek_v4 in transformers' names, routed experts one tensor per expert (as DeepSeek-V3's)."""
+    D, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    n_hc = cfg.hc_mult
+    mix = (2 + n_hc) * n_hc  # the hyper-connection's pre, post and comb weights
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,),
+        "model.hc_head.hc_fn": (n_hc, n_hc * D), "model.hc_head.hc_base": (n_hc,), "model.hc_head.hc_scale": (1,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+    I, E = cfg.moe_intermediate_size, cfg.n_routed_experts
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        a = f"{p}.self_attn"
+        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = (D,)
+        for hc in ("attn_hc", "ffn_hc"):
+            shapes.update({f"{p}.{hc}.fn": (mix, n_hc * D), f"{p}.{hc}.base": (mix,), f"{p}.{hc}.scale": (3,)})
+        shapes.update({
+            f"{a}.q_a_proj.weight": (cfg.q_lora_rank, D), f"{a}.q_a_norm.weight": (cfg.q_lora_rank,),
+            f"{a}.q_b_proj.weight": (H * hd, cfg.q_lora_rank), f"{a}.kv_proj.weight": (hd, D),
+            f"{a}.kv_norm.weight": (hd,), f"{a}.sinks": (H,),
+            f"{a}.o_a_proj.weight": (cfg.o_groups * cfg.o_lora_rank, H * hd // cfg.o_groups),
+            f"{a}.o_b_proj.weight": (D, cfg.o_groups * cfg.o_lora_rank)})
+        m = cfg.compress_rate(i)
+        if m:
+            c = f"{a}.compressor"
+            series = 2 if cfg.layer_types[i] == CSA else 1  # CSA's windows overlap: two series per token
+            shapes.update({f"{c}.kv_proj.weight": (series * hd, D), f"{c}.gate_proj.weight": (series * hd, D),
+                           f"{c}.position_bias": (m, series * hd), f"{c}.kv_norm.weight": (hd,)})
+            if series == 2:
+                x, ihd = f"{c}.indexer", cfg.index_head_dim
+                shapes.update({f"{x}.kv_proj.weight": (2 * ihd, D), f"{x}.gate_proj.weight": (2 * ihd, D),
+                               f"{x}.position_bias": (m, 2 * ihd), f"{x}.kv_norm.weight": (ihd,),
+                               f"{x}.q_b_proj.weight": (cfg.index_n_heads * ihd, cfg.q_lora_rank),
+                               f"{x}.scorer.weights_proj.weight": (cfg.index_n_heads, D)})
+        shapes[f"{p}.mlp.gate.weight"] = (E, D)
+        if cfg.is_hash_layer(i):
+            shapes[f"{p}.mlp.gate.tid2eid"] = (cfg.vocab_size, cfg.num_experts_per_tok)
+        else:
+            shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (E,)
+        for mlp in [f"{p}.mlp.experts.{e}" for e in range(E)] + [f"{p}.mlp.shared_experts"]:
+            shapes.update({f"{mlp}.gate_proj.weight": (I, D), f"{mlp}.up_proj.weight": (I, D),
+                           f"{mlp}.down_proj.weight": (D, I)})
     return shapes
