@@ -18,6 +18,7 @@ import click
 from . import backends
 from .errors import EdgeDSError, OptionError
 from .options import SamplingOptions
+from .server import Limits  # light: the server loads the model's runtime (MLX) only through load()
 
 # The flag for each library argument that OptionError may name.
 FLAGS = {
@@ -287,9 +288,13 @@ def chat(model_dir, system, sampling, experts, backend):
               help="Address to listen on (0.0.0.0: every interface; there is no authentication).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port (0: any free port).")
+@click.option("--max-connections", default=Limits.max_connections, show_default=True, type=click.IntRange(1),
+              metavar="N", help="Open connections served at once; more are answered 503 with Retry-After.")
+@click.option("--max-queue", default=Limits.max_queued, show_default=True, type=click.IntRange(1), metavar="N",
+              help="Generation requests queued or running; more are answered 429 with Retry-After.")
 @expert_options
 @backend_option
-def serve(model_dir, host, port, experts, backend):
+def serve(model_dir, host, port, max_connections, max_queue, experts, backend):
     """Serve the model over an OpenAI-compatible HTTP API until Ctrl-C.
 
     GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming
@@ -297,12 +302,13 @@ def serve(model_dir, host, port, experts, backend):
     from .api import load
     from .server import serve as run
 
+    limits = Limits.sized(max_connections, max_queue)
     lm = load(model_dir, backend=backend, **experts)
 
     def ready(server) -> None:
         click.echo(f"edge-ds serve: {server.model_id} at {server.url}/v1 (Ctrl-C stops)")
 
-    run(lm, host, port, on_ready=ready)  # returns on Ctrl-C, so the exit status is 0
+    run(lm, host, port, on_ready=ready, limits=limits)  # returns on Ctrl-C, so the exit status is 0
 
 
 @main.command()

@@ -4,17 +4,29 @@
     server.start()                                            # or serve it from a thread
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions.
-HTTP requests are handled on their own threads; generations run one at a time, in arrival order,
-on one model thread (a model holds one cache, and MLX is best driven from one thread). The
-server keeps one prompt cache, so a request that extends the previous one (the next turn of a
-chat) prefills only the new tokens.
+
+Under load: one loop thread (the one in serve_forever) accepts connections and reads every
+request, headers and body, without blocking (selectors), so a connection that stalls holds a
+socket and its buffer but no thread, and is closed when its read time runs out. It answers
+GET /health itself, so /health never waits for a thread or the model. A complete request goes to
+a bounded pool of handler threads; generations run one at a time, in arrival order, on one model
+thread (a model holds one cache, and MLX is best driven from one thread). Every bound (open
+connections, handler threads, queued generations, read and idle time) is a field of `Limits`;
+past a bound the server answers 503 or 429 with Retry-After instead of resetting or hanging.
+The server keeps one prompt cache, so a request that extends the previous one (the next turn of
+a chat) prefills only the new tokens.
 """
 
 from __future__ import annotations
 
+import email.utils
+import errno
+import io
 import json
 import queue
+import re
 import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -23,19 +35,60 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .api import LanguageModel
 from .errors import ContextLengthError, EdgeDSError
 from .openai_schema import (Reply, RequestError, Result, check_fields, check_prompt_size, parse_body,
                             parse_messages, parse_options, parse_prompt, parse_stream)
+
+if TYPE_CHECKING:  # only for annotations: the CLI imports this module for Limits, and must load no MLX
+    from .api import LanguageModel
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # A generous bound on the characters one token stands for (typically about 4): a prompt of more than
 # this many per token of context cannot fit, and is refused before tokenizing (seconds at megabytes).
 MAX_CHARS_PER_TOKEN = 32
 POLL_SECONDS = 0.2  # how often a waiting request checks whether its client went away
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's bounds under load, in one place (`edge-ds serve` exposes the first and third).
+
+    The defaults fit local use: a few hundred clients plus a thousand idle or stalled connections
+    cost sockets and small buffers, not threads. Tests pass small values to reach each bound cheaply.
+    """
+
+    # Open connections served (reading, handled or idle between keep-alive requests). Past it, up to
+    # `overflow_connections` more are accepted only to be answered (503 with Retry-After, or /health)
+    # and closed; past that, a connection is answered 503 without reading its request and closed at once.
+    max_connections: int = 2048
+    overflow_connections: int = 256
+    # Generation requests queued or running; past it, 429 with Retry-After. A local model answers one
+    # at a time: the 128th in line already waits minutes on a real model.
+    max_queued: int = 128
+    # Threads that run complete requests (each generation request holds one while it waits its turn):
+    # more than max_queued, so that a full queue still leaves threads to answer everything else.
+    handler_threads: int = 160
+    listen_backlog: int = 1024  # the kernel's accept queue (capped by somaxconn; http.server's was 5)
+    request_timeout: float = 10.0  # seconds to send a whole request (headers and body); then 408, closed
+    idle_timeout: float = 15.0  # seconds a keep-alive connection may sit between requests; then closed
+    send_timeout: float = 60.0  # seconds a client may take to accept what we write before it is dropped
+    max_header_bytes: int = 32 * 1024  # request line and headers; past it, 431
+    # Request bodies held in memory at once (each is also bounded by MAX_BODY_BYTES); past it, 503.
+    max_buffered_bytes: int = 8 * MAX_BODY_BYTES
+    retry_after: int = 1  # seconds, the Retry-After of a 503 or 429 answered because a bound is full
+    # Seconds an answered-and-closing connection is read (and discarded) before it is closed, so that
+    # a request the client is still sending does not turn our close into a reset; also how long a
+    # connection past max_connections may take to send its request line before it is answered 503.
+    linger: float = 1.0
+
+    @classmethod
+    def sized(cls, max_connections: int, max_queued: int) -> "Limits":
+        """The defaults with these two bounds, keeping as many handler threads beyond the queue."""
+        return cls(max_connections=max_connections, max_queued=max_queued,
+                   handler_threads=max_queued + cls.handler_threads - cls.max_queued)
 
 
 # --- the model thread ------------------------------------------------------------------
@@ -88,9 +141,12 @@ def model_thread() -> _ModelThread:
 class ModelWorker:
     """Runs one server's jobs on the model thread, in arrival order, and keeps its prompt cache."""
 
-    def __init__(self, lm: LanguageModel, prompt_cache: bool = True, log: Callable[[str], None] | None = None):
+    def __init__(self, lm: LanguageModel, prompt_cache: bool = True, log: Callable[[str], None] | None = None,
+                 max_queued: int = Limits.max_queued, retry_after: int = Limits.retry_after):
         self.lm = lm
         self.prompt_cache = prompt_cache
+        self.max_queued = max_queued
+        self.retry_after = retry_after
         self.last: Result | None = None  # the last finished job's result
         self._log = log
         self._cache = None  # made on the model thread
@@ -101,9 +157,14 @@ class ModelWorker:
         self._idle.set()
 
     def submit(self, job: Job) -> None:
+        """Queues the job; raises Busy (429) when max_queued jobs are already queued or running."""
         with self._lock:
             if self._closed:
                 raise _stopped()
+            if len(self._jobs) >= self.max_queued:
+                raise Busy(f"the server is busy: {len(self._jobs)} generation requests are queued or running "
+                           f"(the limit is {self.max_queued}); retry after {self.retry_after} s",
+                           status=429, code="queue_full", retry_after=self.retry_after)
             self._jobs.append(job)
             self._idle.clear()
         model_thread().submit(lambda: self._run(job))
@@ -181,21 +242,63 @@ class ClientGone(Exception):
     pass
 
 
+class Busy(RequestError):
+    """A bound is full (the generation queue, held request bodies, open connections): answered with
+    Retry-After, so OpenAI clients wait and retry."""
+
+    def __init__(self, message: str, status: int, code: str, retry_after: int):
+        super().__init__(message, status=status, code=code,
+                         kind="rate_limit_error" if status == 429 else "server_error")
+        self.retry_after = retry_after
+
+
 def _stopped() -> RequestError:
     # A job is cancelled only when its client left or the server is closing: this is the latter.
     return RequestError("the server stopped before the generation finished", status=503, kind="server_error")
 
 
+class _SocketWriter(io.BufferedIOBase):
+    """wfile for a handler: every write is sent whole (sendall), under the socket's send timeout."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self._sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+
 class Handler(BaseHTTPRequestHandler):
+    """Answers one request that the server's loop has already read whole (`raw`: request line,
+    headers and body), writing to the connection; the loop keeps the connection between requests."""
+
     protocol_version = "HTTP/1.1"  # keep-alive for JSON answers; streams close the connection
-    disable_nagle_algorithm = True  # each streamed token is a small write: send it now
-    timeout = 300  # seconds a connection may sit idle (keep-alive) or stall before it is dropped
     server_version = "edge-ds"
     sys_version = ""
     server: "Server"
 
     routes = {"/health": ("GET",), "/v1/models": ("GET",), "/v1/chat/completions": ("POST",),
               "/v1/completions": ("POST",)}
+
+    def __init__(self, sock: socket.socket, client_address: Any, server: "Server", raw: bytes):
+        self._raw = raw
+        super().__init__(sock, client_address, server)
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = io.BytesIO(self._raw)
+        self.wfile = _SocketWriter(self.connection)
+
+    def handle(self) -> None:
+        self.close_connection = True  # parse_request sets it from the request's version and headers
+        self.handle_one_request()
+
+    def handle_expect_100(self) -> bool:
+        return True  # the loop sent "100 Continue" before reading the body, if one was still to come
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -223,7 +326,7 @@ class Handler(BaseHTTPRequestHandler):
                                            status=code).body())
 
     def _dispatch(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        path = _route(self.path)
         self._body_read = False
         model_path = path.startswith("/v1/models/")
         try:
@@ -235,8 +338,8 @@ class Handler(BaseHTTPRequestHandler):
                                    code="method_not_allowed")
             if model_path:
                 self._model(path[len("/v1/models/"):])
-            elif path == "/health":
-                self._send_json(200, {"status": "ok", "model": self.server.model_id})
+            elif path == "/health":  # the loop answers GET /health itself, unless it comes with a body
+                self._send_json(200, self.server.health())
             elif path == "/v1/models":
                 self._send_json(200, {"object": "list", "data": [self.server.model_card()]})
             else:
@@ -246,10 +349,10 @@ class Handler(BaseHTTPRequestHandler):
                                         or "Transfer-Encoding" in self.headers):
                 self.close_connection = True  # an unread body would be taken for the next request
             try:
-                self._send_json(e.status, e.body())
-            except ConnectionError:  # the client left without reading the answer
+                self._send_json(e.status, e.body(), _retry_headers(e))
+            except OSError:  # the client left without reading the answer, or stopped reading it
                 self.close_connection = True
-        except (ClientGone, ConnectionError):
+        except (ClientGone, OSError):
             self.close_connection = True
         except Exception as e:  # a bug: one line to the client, the traceback to our stderr
             traceback.print_exc(file=sys.stderr)
@@ -267,20 +370,19 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, self.server.model_card())
 
     def _read_json(self) -> dict:
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError("chunked request bodies are not supported; send a Content-Length header",
+                               status=411)
         length = self.headers.get("Content-Length")
         if length is None:
             raise RequestError("a request body needs a Content-Length header", status=411)
-        try:
-            n = int(length)
-        except ValueError:
-            raise RequestError(f"Content-Length is not a number: {length!r}") from None
+        n = _content_length(length)
+        if n is None:
+            raise RequestError(f"Content-Length is not a number: {length!r}")
         if n > MAX_BODY_BYTES:
             raise RequestError(f"request body of {n} bytes is over the limit of {MAX_BODY_BYTES}", status=413)
-        try:
-            raw = self.rfile.read(n)
-        except OSError:  # reset by the client, or stalled past `timeout`
-            raise ClientGone() from None
-        if len(raw) < n:  # the client closed the connection before sending its whole body
+        raw = self.rfile.read(n)  # in memory: the loop read the whole body before handing the request over
+        if len(raw) < n:  # cannot happen while the loop and this agree on the framing; never parse a part
             raise ClientGone()
         self._body_read = True
         return parse_body(raw)  # a JSON object, or one clear 400 (deep nesting and huge numbers included)
@@ -304,7 +406,7 @@ class Handler(BaseHTTPRequestHandler):
         options = parse_options(body)
         stream, include_usage = parse_stream(body)
         job = Job(prompt, chat_template=chat, options=options)
-        self.server.worker.submit(job)
+        self.server.worker.submit(job)  # Busy (429) when the queue is full
         try:
             events = self._events(job)
             kind, value = next(events)
@@ -376,40 +478,225 @@ class Handler(BaseHTTPRequestHandler):
             if include_usage:
                 self._event(reply.usage_chunk(value))
             self.wfile.write(b"data: [DONE]\n\n")
-        except OSError:  # the client went away or stalled past `timeout`
+        except OSError:  # the client went away or stopped reading for send_timeout
             raise ClientGone() from None
 
     def _event(self, obj: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
-    def _send_json(self, status: int, obj: dict) -> None:
+    def _send_json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
 
-class Server(ThreadingHTTPServer):
+def _route(target: str) -> str:
+    """The path a request target names, as the routes spell it (no query, no trailing slash)."""
+    return target.split("?", 1)[0].rstrip("/") or "/"
+
+
+def _retry_headers(e: RequestError) -> dict[str, str]:
+    return {"Retry-After": str(e.retry_after)} if isinstance(e, Busy) else {}
+
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _content_length(value: str) -> int | None:
+    """A Content-Length value as a number, or None: digits only (int() would take "+5", "1_0", " 5 ")."""
+    value = value.strip()
+    return int(value) if _DIGITS.fullmatch(value) and len(value) <= 20 else None
+
+
+# --- the connection loop -----------------------------------------------------------------
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_READING, _HANDLED, _CLOSING, _GONE = "reading", "handled", "closing", "gone"
+_ACCEPTS_PER_WAKE = 64  # connections accepted per readiness event, so reads are not starved by a flood
+_TICK = 0.1  # seconds between deadline sweeps at most (and the loop's longest sleep)
+FD_RESERVE = 128  # descriptors kept for the process (model files, pipes, the selector) when sizing the limit
+
+
+class _Conn:
+    """One client connection, owned by the loop while reading or closing, by a handler while handled."""
+
+    __slots__ = ("sock", "address", "buf", "state", "deadline", "scanned", "head_end", "body", "reserved",
+                 "over", "force_close", "idle")
+
+    def __init__(self, sock: socket.socket, address: Any, deadline: float, over: bool):
+        self.sock = sock
+        self.address = address
+        self.buf = bytearray()
+        self.state = _READING
+        self.deadline = deadline
+        self.over = over  # accepted past max_connections: answered once, then closed
+        self.idle = False  # between keep-alive requests, nothing of the next one received
+        self.reserved = 0  # body bytes counted against max_buffered_bytes
+        self._reset_request()
+
+    def _reset_request(self) -> None:
+        self.scanned = 0  # the buffer holds no end of headers before this offset
+        self.head_end: int | None = None
+        self.body = 0
+        self.force_close = False
+
+
+def _head_fields(head: bytes) -> tuple[list[str], dict[str, list[str]]]:
+    """The request line's words and the headers (lower-case names, every value), leniently: the
+    handler's own parser (http.server) judges the request; this only frames it."""
+    text = head.decode("latin-1")
+    lines = text.lstrip("\r\n").splitlines()
+    words = lines[0].split() if lines else []
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return words, headers
+
+
+def _keep_alive(version: str, headers: dict[str, list[str]]) -> bool:
+    tokens = {t.strip().lower() for v in headers.get("connection", []) for t in v.split(",")}
+    if "close" in tokens:
+        return False
+    return version == "HTTP/1.1" or "keep-alive" in tokens
+
+
+def _response(status: int, obj: dict, headers: dict[str, str], close: bool) -> bytes:
+    """A whole small response, for the loop to send without a handler thread."""
+    data = json.dumps(obj, ensure_ascii=False).encode()
+    reason = BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+    lines = [f"HTTP/1.1 {status} {reason}", f"Server: {Handler.server_version}",
+             f"Date: {email.utils.formatdate(usegmt=True)}", "Content-Type: application/json",
+             f"Content-Length: {len(data)}", *(f"{k}: {v}" for k, v in headers.items())]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+
+
+class _Pool:
+    """At most `size` handler threads, started as work arrives and kept until close()."""
+
+    def __init__(self, size: int, run: Callable[..., None]):
+        self._size = size
+        self._run = run
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._pending = 0
+
+    def submit(self, *args: Any) -> None:
+        with self._lock:
+            self._pending += 1
+            if self._pending > self._idle and self._threads < self._size:
+                self._threads += 1
+                threading.Thread(target=self._work_loop, name=f"edge-ds-http-{self._threads}", daemon=True).start()
+        self._work.put(args)
+
+    def close(self) -> None:
+        with self._lock:
+            threads = self._threads
+        for _ in range(threads):
+            self._work.put(None)
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            args = self._work.get()
+            with self._lock:
+                self._idle -= 1
+                self._pending -= 1
+            if args is None:
+                return
+            try:
+                self._run(*args)
+            except BaseException:  # _run reports its own errors; the thread must go on serving
+                traceback.print_exc(file=sys.stderr)
+
+
+def open_file_limit() -> int | None:
+    """The process's soft limit on open files, or None where there is none to read (not POSIX)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_open_file_limit(wanted: int) -> int | None:
+    """Raises the soft open-file limit toward `wanted` (up to the hard limit); returns the new soft limit.
+    macOS starts processes at 256 and many Linux systems at 1024: fewer than the connections we hold."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return open_file_limit()
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # macOS refuses past kern.maxfilesperproc even under an unlimited hard limit
+        pass
+    return open_file_limit()
+
+
+class Server(HTTPServer):
     """The HTTP server; `worker` runs the model. Use serve_forever() or start(), then close()."""
 
-    daemon_threads = True  # a handler waiting on a slow client never blocks exit
-
-    def __init__(self, address: tuple[str, int], lm: LanguageModel, model_id: str, prompt_cache: bool, quiet: bool):
+    def __init__(self, address: tuple[str, int], lm: LanguageModel, model_id: str, prompt_cache: bool,
+                 quiet: bool, limits: Limits | None = None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         # Set before binding: a failed bind calls server_close(), which reads them.
+        self.limits = limits = limits or Limits()
         self.model_id = model_id
         self.quiet = quiet
         self.fingerprint = f"edge-ds-{lm.fingerprint}"
         self.prompt_limit = min(lm.config.max_position_embeddings * MAX_CHARS_PER_TOKEN, MAX_BODY_BYTES)
-        self.worker = ModelWorker(lm, prompt_cache, log=None if quiet else self._log)
+        self.worker = ModelWorker(lm, prompt_cache, log=None if quiet else self._log,
+                                  max_queued=limits.max_queued, retry_after=limits.retry_after)
+        self.request_queue_size = limits.listen_backlog
+        self.max_connections, self.overflow_connections = self._fit_to_open_files(limits)
+        self._pool = _Pool(limits.handler_threads, self._handle)
+        self._returned: queue.SimpleQueue = queue.SimpleQueue()  # (conn, keep_alive) from handler threads
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._conns: set[_Conn] = set()  # within max_connections: reading, handled or closing
+        self._over: set[_Conn] = set()  # past it, being answered
+        self._buffered = 0  # body bytes reserved by requests read or being read
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
         self._serving = False
+        self._full_said = False
         self._thread: threading.Thread | None = None
+        self._selector: selectors.BaseSelector | None = None
         super().__init__(address, Handler)
+
+    def _fit_to_open_files(self, limits: Limits) -> tuple[int, int]:
+        """max_connections and overflow_connections, cut to what the open-file limit lets us hold."""
+        room = open_file_limit()
+        if room is None:
+            return limits.max_connections, limits.overflow_connections
+        room = max(room - FD_RESERVE, 2)
+        over = min(limits.overflow_connections, max(room // 8, 1))
+        cut = min(limits.max_connections, room - over)
+        if cut < limits.max_connections and not self.quiet:
+            self._log(f"at most {cut} connections (the open-file limit is {open_file_limit()}; "
+                      f"raise `ulimit -n` for {limits.max_connections})")
+        return max(cut, 1), over
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks up the host's FQDN, which can stall on a bad DNS set-up.
@@ -421,17 +708,64 @@ class Server(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model_id}
+
     def model_card(self) -> dict:
         config = self.worker.lm.path / "config.json"
         created = int(config.stat().st_mtime) if config.is_file() else 0
         return {"id": self.model_id, "object": "model", "created": created, "owned_by": "edge-ds"}
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
+    # --- serving ---
+
+    def serve_forever(self, poll_interval: float = _TICK) -> None:
+        """Runs the connection loop until shutdown() (from another thread) or KeyboardInterrupt."""
+        self._stop.clear()
+        self._stopped.clear()
         self._serving = True
+        self.socket.setblocking(False)
+        sel = self._selector = selectors.DefaultSelector()
+        sel.register(self.socket, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        accept_paused_until = 0.0
+        swept = 0.0
         try:
-            super().serve_forever(poll_interval)
+            while not self._stop.is_set():
+                for key, _ in sel.select(min(poll_interval, _TICK)):
+                    if key.data == "accept":
+                        if self._accept():
+                            sel.unregister(self.socket)  # out of descriptors: let some close first
+                            accept_paused_until = time.monotonic() + _TICK
+                    elif key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                    else:
+                        self._readable(key.data)
+                self._take_back()
+                now = time.monotonic()
+                if accept_paused_until and now >= accept_paused_until:
+                    accept_paused_until = 0.0
+                    sel.register(self.socket, selectors.EVENT_READ, "accept")
+                if now - swept >= _TICK:
+                    swept = now
+                    self._sweep(now)
         finally:
             self._serving = False
+            for conn in list(self._conns | self._over):
+                if conn.state != _HANDLED:  # a handled one is closed by its handler thread
+                    self._drop(conn)
+            sel.close()
+            self._selector = None
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stops serve_forever (call from another thread) and waits until it has returned."""
+        self._stop.set()
+        self._wake()
+        self._stopped.wait()
 
     def start(self) -> threading.Thread:
         """Serves on a background thread (for apps that embed the server)."""
@@ -446,23 +780,273 @@ class Server(ThreadingHTTPServer):
         if self._thread is not None:
             self._thread.join()
         self.worker.stop()
+        self._pool.close()
+        self._take_back()  # connections handlers gave back after the loop ended
         super().server_close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     close = server_close
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):  # already awake (the pipe is full), or closed
+            pass
 
     def _log(self, line: str) -> None:
         sys.stderr.write(f"edge-ds serve: {line}\n")
 
+    # --- the loop's work (the loop thread only) ---
+
+    def _accept(self) -> bool:
+        """Accepts waiting connections; True when out of descriptors (accepting must pause)."""
+        now = time.monotonic()
+        for _ in range(_ACCEPTS_PER_WAKE):
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return True
+                continue  # ECONNABORTED and the like: that client is gone
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each streamed token: send now
+            except OSError:
+                pass
+            if len(self._conns) < self.max_connections:
+                conn = _Conn(sock, address, now + self.limits.request_timeout, over=False)
+                self._conns.add(conn)
+                self._full_said = False
+            elif len(self._over) < self.overflow_connections:
+                # Read its request line (briefly) to answer /health, and 503 to anything else.
+                conn = _Conn(sock, address, now + self.limits.linger, over=True)
+                self._over.add(conn)
+                if not self._full_said and not self.quiet:
+                    self._log(f"{self.max_connections} connections open (the limit): answering 503 to more")
+                    self._full_said = True
+            else:  # past every bound: say why, and close without waiting for the request
+                try:
+                    sock.send(_response(503, self._full().body(), _retry_headers(self._full()), close=True))
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+        return False
+
+    def _full(self) -> Busy:
+        return Busy(f"the server is busy: {self.max_connections} connections are open (the limit); "
+                    f"retry after {self.limits.retry_after} s", status=503, code="server_busy",
+                    retry_after=self.limits.retry_after)
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if not data:  # the client closed its side: nothing more can be answered
+            self._drop(conn)
+            return
+        if conn.state == _CLOSING:
+            return  # read and discarded, so that closing sends no reset
+        if conn.idle:  # the first byte of the next request starts its read time
+            conn.idle = False
+            conn.deadline = time.monotonic() + self.limits.request_timeout
+        conn.buf += data
+        self._advance(conn)
+
+    def _advance(self, conn: _Conn) -> None:
+        """Frames the buffered request: answers it here (/health, errors of framing, a full server)
+        or hands it to a handler thread once its body is complete."""
+        limits = self.limits
+        while conn.state == _READING and conn.buf:
+            if conn.head_end is None:
+                m = _HEAD_END.search(conn.buf, max(conn.scanned - 3, 0))
+                if m is None:
+                    conn.scanned = len(conn.buf)
+                    if len(conn.buf) > limits.max_header_bytes:
+                        self._answer(conn, RequestError(f"request headers over the limit of "
+                                                        f"{limits.max_header_bytes} bytes", status=431), True)
+                    return
+                if m.start() > limits.max_header_bytes:
+                    self._answer(conn, RequestError(f"request headers over the limit of "
+                                                    f"{limits.max_header_bytes} bytes", status=431), True)
+                    return
+                conn.head_end = m.end()
+                words, headers = _head_fields(bytes(conn.buf[:m.start()]))
+                method, target, version = (words + ["", "", ""])[:3] if len(words) == 3 else ("", "", "")
+                lengths = {v for v in headers.get("content-length", [])}
+                if method in ("GET", "HEAD") and _route(target) == "/health" and not lengths - {"0"} \
+                        and "transfer-encoding" not in headers:
+                    close = conn.over or not _keep_alive(version, headers)
+                    self._answer(conn, None, close, self.health(), head=method == "HEAD")
+                    continue
+                if conn.over:
+                    self._answer(conn, self._full(), True)
+                    return
+                if "transfer-encoding" in headers:
+                    conn.force_close = True  # the handler answers 411; what follows is not a request
+                elif len(lengths) > 1:
+                    self._answer(conn, RequestError("conflicting Content-Length headers"), True)
+                    return
+                elif lengths:
+                    n = _content_length(next(iter(lengths)))
+                    if n is None or n > MAX_BODY_BYTES:
+                        conn.force_close = True  # the handler answers 400 or 413 without the body
+                    elif n:
+                        if self._buffered + n > limits.max_buffered_bytes:
+                            self._answer(conn, Busy(f"the server is busy: {self._buffered} bytes of request "
+                                                    f"bodies are held (the limit is {limits.max_buffered_bytes}); "
+                                                    f"retry after {limits.retry_after} s", status=503,
+                                                    code="server_busy", retry_after=limits.retry_after), True)
+                            return
+                        self._buffered += n
+                        conn.reserved = n
+                        conn.body = n
+                        if len(conn.buf) - conn.head_end < n and any(
+                                v.lower() == "100-continue" for v in headers.get("expect", [])):
+                            self._send_now(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+            end = conn.head_end + conn.body
+            if len(conn.buf) < end:
+                return
+            raw = bytes(conn.buf[:end])
+            del conn.buf[:end]
+            conn.state = _HANDLED
+            self._selector.unregister(conn.sock)
+            self._pool.submit(conn, raw)
+            return
+
+    def _send_now(self, conn: _Conn, data: bytes) -> bool:
+        """Sends a small answer without blocking; False (and the connection dropped) if it did not fit,
+        which a connection that is not reading its answers has earned."""
+        try:
+            sent = conn.sock.send(data)
+        except OSError:
+            sent = -1
+        if sent != len(data):
+            self._drop(conn)
+            return False
+        return True
+
+    def _answer(self, conn: _Conn, error: RequestError | None, close: bool, ok: dict | None = None,
+                head: bool = False) -> None:
+        """Answers the request at the head of the buffer from the loop; closes, or reads the next one."""
+        now = time.monotonic()
+        if error is not None:
+            data = _response(error.status, error.body(), _retry_headers(error), close)
+        else:
+            data = _response(200, ok or {}, {}, close)
+            if head:
+                data = data[:data.index(b"\r\n\r\n") + 4]
+        self._release(conn)
+        if not self._send_now(conn, data):
+            return
+        if close:
+            self._closing(conn, now)
+            return
+        del conn.buf[:conn.head_end]
+        conn._reset_request()
+        conn.idle = not conn.buf
+        conn.deadline = now + (self.limits.idle_timeout if conn.idle else self.limits.request_timeout)
+
+    def _closing(self, conn: _Conn, now: float) -> None:
+        """Ends our side (the client reads everything sent, then end-of-file) and reads theirs for a
+        moment before closing, so that unread bytes of theirs do not turn the close into a reset."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._drop(conn)
+            return
+        conn.state = _CLOSING
+        conn.buf.clear()
+        conn.deadline = now + self.limits.linger
+
+    def _release(self, conn: _Conn) -> None:
+        self._buffered -= conn.reserved
+        conn.reserved = 0
+
+    def _drop(self, conn: _Conn) -> None:
+        self._release(conn)
+        if conn.state not in (_HANDLED, _GONE) and self._selector is not None:
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        conn.state = _GONE
+        conn.sock.close()
+        self._conns.discard(conn)
+        self._over.discard(conn)
+
+    def _sweep(self, now: float) -> None:
+        """Closes connections past their deadline: a request not sent whole in request_timeout gets
+        408, a keep-alive connection idle for idle_timeout and a closing one are closed quietly."""
+        for conn in [c for c in self._conns | self._over if c.state != _HANDLED and c.deadline <= now]:
+            if conn.state == _CLOSING or conn.idle or (not conn.buf and not conn.over):
+                self._drop(conn)
+            elif conn.over:
+                self._answer(conn, self._full(), True)
+            else:
+                self._answer(conn, RequestError(f"the request was not received in "
+                                                f"{self.limits.request_timeout:g} s", status=408), True)
+
+    def _take_back(self) -> None:
+        """Connections whose request a handler answered: kept for the next request, or closed."""
+        while True:
+            try:
+                conn, keep = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            self._release(conn)
+            if not self._serving:
+                conn.state = _GONE  # not registered with any selector
+                self._drop(conn)
+                continue
+            now = time.monotonic()
+            try:
+                conn.sock.setblocking(False)
+            except OSError:
+                keep = False
+            conn.state = _READING
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            if not keep or conn.force_close:
+                self._closing(conn, now)
+                continue
+            conn._reset_request()
+            conn.idle = not conn.buf
+            conn.deadline = now + (self.limits.idle_timeout if conn.idle else self.limits.request_timeout)
+            self._advance(conn)  # a pipelined request may already be here
+
+    # --- a handler thread's work ---
+
+    def _handle(self, conn: _Conn, raw: bytes) -> None:
+        keep = False
+        try:
+            conn.sock.settimeout(self.limits.send_timeout)  # blocking, for a handler's writes
+            keep = not Handler(conn.sock, conn.address, self, raw).close_connection
+        except OSError:  # the client left before the handler could start
+            pass
+        finally:
+            self._returned.put((conn, keep))
+            self._wake()
+
 
 def make_server(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,
-                prompt_cache: bool = True, quiet: bool = False) -> Server:
+                prompt_cache: bool = True, quiet: bool = False, limits: Limits | None = None) -> Server:
     """A server for the loaded model `lm` bound to host:port (port 0: any free port), not yet serving.
 
     model_id: the name /v1/models lists (default: the model directory's name); requests may name
     any model, the loaded one answers. prompt_cache=False prefills every prompt from scratch.
+    limits: the bounds under load (default Limits()); max_connections is cut to fit the process's
+    open-file limit (serve() raises that limit first; an app may call raise_open_file_limit).
     """
     try:
-        return Server((host, port), lm, model_id or lm.path.name, prompt_cache, quiet)
+        return Server((host, port), lm, model_id or lm.path.name, prompt_cache, quiet, limits)
     except (OSError, OverflowError) as e:  # OverflowError: a port over 65535
         raise EdgeDSError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
 
@@ -470,6 +1054,8 @@ def make_server(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, mo
 def serve(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,
           on_ready: Callable[[Server], None] | None = None, **options: Any) -> None:
     """Serves until Ctrl-C or SIGTERM, then stops generation and closes the socket."""
+    limits = options.get("limits") or Limits()
+    raise_open_file_limit(limits.max_connections + limits.overflow_connections + FD_RESERVE)
     server = make_server(lm, host, port, model_id, **options)
     previous = {}
     if threading.current_thread() is threading.main_thread():
