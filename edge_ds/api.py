@@ -82,7 +82,7 @@ class TextStream:
 
 def load(path: str | Path | None = None, backend: str | None = None, expert_budget: int | str | None = None, *,
          expert_policy: str = "hybrid", prefetch: bool = False, expert_page_cache: bool = True,
-         trace: str | Path | None = None) -> "LanguageModel":
+         trace: str | Path | None = None, **backend_options) -> "LanguageModel":
     """Loads a model directory (or the shipped default model when path is None).
 
     expert_budget (bytes, "2GB", "512MiB" or "25%" of the routed-expert bytes) keeps the trunk
@@ -94,7 +94,9 @@ def load(path: str | Path | None = None, backend: str | None = None, expert_budg
     routing to a JSONL file (implies lazy experts, with the whole model as budget when none is
     given).
     backend: a name from backends.names() ("mlx", "onnx": a directory written by
-    `edge-ds export-onnx`), or None for backends.default_backend(directory).
+    `edge-ds export-onnx`, "torch": a Hugging Face checkpoint), or None for
+    backends.default_backend(directory). backend_options go to that backend's load() (torch:
+    device="cuda"|"cpu", gemm="bf16"|"fp8", dtype="bfloat16"|"float32").
     """
     directory = Path(path).expanduser() if path is not None else default_model_path()
     if not directory.is_dir():
@@ -104,7 +106,7 @@ def load(path: str | Path | None = None, backend: str | None = None, expert_budg
         experts = ExpertOptions("100%" if expert_budget is None else expert_budget, expert_policy, prefetch,
                                 expert_page_cache, trace)
     name, why = choose(backend, directory, experts)
-    lm = LanguageModel(open_backend(name, directory, experts), Tokenizer.load(directory), directory)
+    lm = LanguageModel(open_backend(name, directory, experts, **backend_options), Tokenizer.load(directory), directory)
     lm.backend_reason = why
     return lm
 

@@ -6,6 +6,7 @@ Light on purpose: the CLI lists the names without loading MLX or any backend's l
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import platform
 from pathlib import Path
@@ -50,10 +51,16 @@ def choose(name: str | None, directory: Path, experts: ExpertOptions | None = No
     return why_default(directory)
 
 
-def open_backend(name: str, directory: Path, experts: ExpertOptions | None = None) -> Backend:
-    """The model in `directory` on backend `name` (see choose)."""
+def open_backend(name: str, directory: Path, experts: ExpertOptions | None = None, **options) -> Backend:
+    """The model in `directory` on backend `name` (see choose); `options` are that backend's own
+    load() keywords (the torch backend's device, gemm, dtype)."""
     available = names()
     if name not in available:
         raise OptionError("backend", f"{{option}} {name!r} is not available in this build "
                                      f"(available: {', '.join(available)})")
-    return importlib.import_module(f"{__name__}.{name}").load(directory, experts)
+    module = importlib.import_module(f"{__name__}.{name}")
+    accepted = inspect.signature(module.load).parameters
+    for option in options:
+        if option not in accepted or option in ("directory", "experts"):
+            raise OptionError(option, f"{{option}} is not an option of the {name} backend")
+    return module.load(directory, experts, **options)
