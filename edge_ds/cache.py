@@ -82,11 +82,12 @@ class PromptCache:
         return sum(c.nbytes for c in self.layers)
 
     def rewind(self, n: int) -> None:
+        """Forgets the last n tokens. A layer cache that cannot rewind exactly (DeepSeek-V4's pooled
+        windows) starts over instead; the tokens kept are then those the layers still hold."""
         n = min(n, self.offset)
         for c in self.layers:
             c.rewind(n)
-        if n:
-            del self.tokens[-n:]
+        del self.tokens[self.offset:]
 
     def reuse_prefix(self, tokens: list[int]) -> int:
         """Rewinds to the longest common prefix with `tokens` and returns its length.
@@ -103,7 +104,7 @@ class PromptCache:
             common += 1
         common = min(common, len(tokens) - 1)
         self.rewind(len(self.tokens) - common)
-        return common
+        return self.offset
 
     def save(self, path: str | Path, model_fingerprint: str = "") -> None:
         arrays = {f"layer.{i}": c.state for i, c in enumerate(self.layers) if c.state is not None}

@@ -97,6 +97,7 @@ class ModelConfig:
     index_n_heads: int | None = None  # deepseek_v32's Lightning Indexer: heads, head width, tokens kept
     index_head_dim: int | None = None
     index_topk: int | None = None
+    swiglu_limit: float | None = None  # DeepSeek-V4 caps its SwiGLU inputs; earlier families do not
     quantization: dict | None = None  # mlx-lm's block: group_size, bits, mode (+ per-path overrides)
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -153,6 +154,8 @@ class ModelConfig:
                 out[name] = getattr(self, name)
         if self.quantization is None:
             out.pop("quantization", None)
+        if self.swiglu_limit is None:
+            out.pop("swiglu_limit")
         if not self.sparse_attention:
             for name in ("index_n_heads", "index_head_dim", "index_topk"):
                 out.pop(name, None)
@@ -321,7 +324,6 @@ class DeepseekV4Config(ModelConfig):
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
-    swiglu_limit: float = 10.0
     sliding_window: int = 128
     o_groups: int = 8
     o_lora_rank: int = 1024

@@ -68,6 +68,15 @@ def is_recomputed(name: str) -> bool:
     return "rotary_emb.inv_freq" in name
 
 
+# Kept in float32 whatever the compute dtype, as DeepSeek keeps them: the router's correction bias
+# (the expert choice), and DeepSeek-V4's attention sinks, pooling biases and hyper-connections.
+_FLOAT32 = re.compile(r"(e_score_correction_bias|\.sinks|\.position_bias|_hc\.(fn|base|scale)|hc_head\.hc_\w+)$")
+
+
+def keeps_float32(name: str) -> bool:
+    return _FLOAT32.search(name) is not None
+
+
 def is_fp8_scale(name: str) -> bool:
     return name.endswith(FP8_SCALE_SUFFIX)
 

@@ -1,7 +1,7 @@
 """Build an MLX model from a model directory (mlx-lm layout, or an unconverted BF16/F32 HF dir).
 
 The steps, in order: read config.json; pick the module layout the checkpoint needs (W_UK as
-kv_b_proj rows or as mlx-lm's embed_q: layout.kv_b_as_rows); read the main model's tensors
+kv_b_proj rows or as mlx-lm's embed_q: models.build); read the main model's tensors
 (lazily: a tensor left out is never read); rename them to module names (Model.sanitize);
 swap in quantized modules where the checkpoint holds scales; cast and load.
 """
@@ -17,7 +17,7 @@ from . import layout
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import EdgeDSError
-from .models.deepseek import Model
+from . import models
 from .models.moe import MoE
 
 
@@ -43,7 +43,7 @@ def read_weights(directory: Path, keep=lambda name: True) -> dict[str, mx.array]
     return weights
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: bool = True) -> Model:
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: bool = True) -> nn.Module:
     """routed_experts=False loads the trunk only: routed-expert tensors are never read and each
     MoE layer is left without `switch_mlp`, for experts.attach_experts to provide."""
     directory = Path(path)
@@ -52,7 +52,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: 
     weights = read_weights(directory, keep)
     if any(layout.is_fp8_scale(k) for k in weights):
         raise EdgeDSError(f"{directory}: an FP8 checkpoint; convert it to MLX weights first (edge-ds convert)")
-    model = Model(cfg, kv_b_rows=layout.kv_b_as_rows(weights))
+    model = models.build(cfg, weights)
     if not routed_experts:
         for layer in model.layers:
             if isinstance(layer.mlp, MoE):
@@ -73,8 +73,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: 
     dtype = dtype or compute_dtype()
     model.dtype = dtype
     for k, v in weights.items():
-        if k.endswith("e_score_correction_bias"):
-            weights[k] = v.astype(mx.float32)  # the router's choice is made in float32
+        if layout.keeps_float32(k):
+            weights[k] = v.astype(mx.float32)
         elif mx.issubdtype(v.dtype, mx.floating):
             weights[k] = v.astype(dtype)
     try:

@@ -14,16 +14,15 @@ from ..cache import PromptCache
 from ..config import ModelConfig
 from ..experts import ExpertCache, TraceRecorder, attach_experts
 from ..loading import load_model
-from ..models.deepseek import Model
 from ..wired import wire
 
 
 class MLXBackend:
-    """Backend over models.deepseek.Model; `model` is the MLX module itself."""
+    """Backend over a model family's Model (edge_ds/models); `model` is the MLX module itself."""
 
     name = "mlx"
 
-    def __init__(self, model: Model, experts: ExpertCache | None = None):
+    def __init__(self, model, experts: ExpertCache | None = None):
         self.model = model
         self.config = model.config
         self.experts = experts
@@ -33,7 +32,7 @@ class MLXBackend:
         return self.model(tokens, cache=cache)
 
     def make_cache(self) -> PromptCache:
-        return PromptCache(self.config.num_hidden_layers)
+        return self.model.make_cache()
 
     def reset_peak_memory(self) -> None:
         mx.reset_peak_memory()

@@ -42,7 +42,7 @@ class LazySwitchGLU:
         # A SwitchGLU whose projections are pointed at cache stacks for each call, so the
         # arithmetic is models.moe's own (its weights are never evaluated: no memory).
         cfg = cache.store.cfg
-        self.glu = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, 1)
+        self.glu = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, 1, cfg.swiglu_limit)
         for proj in EXPERT_PROJS:
             q = quant[proj]
             if q is not None:

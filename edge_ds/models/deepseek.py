@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import layout
+from ..cache import PromptCache
 from ..config import ModelConfig
 from ..errors import EdgeDSError
 from .layers import Linear
@@ -54,6 +55,9 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
+    def make_cache(self) -> PromptCache:
+        return PromptCache(self.config.num_hidden_layers)
+
     def __call__(self, tokens: mx.array, cache: list | None = None, mask: mx.array | None = None) -> mx.array:
         h = self.model.embed_tokens(tokens).astype(self.dtype)  # [B, L, D]
         L = h.shape[1]
@@ -91,6 +95,11 @@ class Model(nn.Module):
                     out[f"{embed_q}.{part}"] = mx.contiguous(w_uk_rows)
                     out[f"{unembed_out}.{part}"] = mx.contiguous(w_uv)
         return out
+
+
+def build(cfg: ModelConfig, names) -> Model:
+    """The model, holding W_UK the way the checkpoint stores it (layout.kv_b_as_rows)."""
+    return Model(cfg, kv_b_rows=layout.kv_b_as_rows(names))
 
 
 def causal_mask(L: int, offset: int, dtype: mx.Dtype) -> mx.array:

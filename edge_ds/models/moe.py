@@ -14,17 +14,26 @@ from .layers import ExpertLinear, Linear, cpu_streams
 SORT_PAIRS = 64
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); x [..., D]."""
+def swiglu(gate: mx.array, up: mx.array, limit: float | None = None) -> mx.array:
+    """silu(gate) * up; with a limit (DeepSeek-V4's swiglu_limit) gate is capped at it and up
+    clipped to +-limit first."""
+    if limit is not None:
+        gate, up = mx.minimum(gate, limit), mx.clip(up, -limit, limit)
+    return nn.silu(gate) * up
 
-    def __init__(self, hidden: int, intermediate: int):
+
+class MLP(nn.Module):
+    """SwiGLU: down(swiglu(gate(x), up(x))); x [..., D]."""
+
+    def __init__(self, hidden: int, intermediate: int, limit: float | None = None):
         super().__init__()
+        self.limit = limit
         self.gate_proj = Linear(hidden, intermediate, bias=False)
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
 
 
 class Router(nn.Module):
@@ -76,8 +85,9 @@ class Router(nn.Module):
 class SwitchGLU(nn.Module):
     """The routed experts, stacked: x [N, D], indices [N, k] -> [N, k, D]."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, limit: float | None = None):
         super().__init__()
+        self.limit = limit
         self.gate_proj = ExpertLinear(hidden, intermediate, num_experts)
         self.up_proj = ExpertLinear(hidden, intermediate, num_experts)
         self.down_proj = ExpertLinear(intermediate, hidden, num_experts)
@@ -104,7 +114,7 @@ class SwitchGLU(nn.Module):
         """Expert idx[...] applied to x by gathered matmuls: x [..., 1, D], idx [...] -> [..., 1, D]."""
         g = self.gate_proj(x, idx, sorted_indices)
         u = self.up_proj(x, idx, sorted_indices)
-        return self.down_proj(nn.silu(g) * u, idx, sorted_indices)
+        return self.down_proj(swiglu(g, u, self.limit), idx, sorted_indices)
 
     def _per_expert(self, xs: mx.array, idx: mx.array) -> mx.array:
         """CPU prefill: xs [P, D] sorted by expert idx [P] -> [P, D], one dense BLAS matmul per
@@ -122,7 +132,7 @@ class SwitchGLU(nn.Module):
                 rows = xs[start:end]  # [n_e, D]
                 g = self.gate_proj.expert_matmul(rows, e)
                 u = self.up_proj.expert_matmul(rows, e)
-                outs.append(self.down_proj.expert_matmul(nn.silu(g) * u, e))
+                outs.append(self.down_proj.expert_matmul(swiglu(g, u, self.limit), e))
             start = end
         return mx.concatenate(outs, axis=0)
 

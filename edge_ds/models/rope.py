@@ -64,3 +64,25 @@ class RoPE:
             x = x * self.attention_factor
         return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0,
                             offset=offset, freqs=self._freqs)
+
+
+class TailRoPE:
+    """DeepSeek-V4's rotary embedding: interleaved pairs on the LAST `dims` values of x [..., L, d]
+    (each head is [nope | rope]), at explicit positions [L] (compressed entries sit at every m-th
+    position). inverse=True rotates back by the same angles (V4 un-ropes its attention output)."""
+
+    def __init__(self, dims: int, base: float, scaling: dict | None, max_position: int):
+        inv_freq, self.attention_factor = rope_inv_freq(dims, base, scaling, max_position)
+        self.dims = dims
+        self.inv_freq = mx.array(inv_freq)  # [dims // 2]
+
+    def __call__(self, x: mx.array, positions: mx.array, inverse: bool = False) -> mx.array:
+        angles = positions.astype(mx.float32)[:, None] * self.inv_freq[None]  # [L, dims/2]
+        cos, sin = mx.cos(angles) * self.attention_factor, mx.sin(angles) * self.attention_factor
+        if inverse:
+            sin = -sin
+        nope, rope = x[..., : -self.dims], x[..., -self.dims:]
+        pairs = rope.astype(mx.float32).reshape(*rope.shape[:-1], self.dims // 2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        rotated = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(rope.shape)
+        return mx.concatenate([nope, rotated.astype(x.dtype)], axis=-1)
