@@ -451,8 +451,13 @@ class Handler(BaseHTTPRequestHandler):
     def _client_gone(self) -> bool:
         """True when the peer closed the connection (readable, and a peek reads nothing)."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if hasattr(select, "poll"):  # select() fails past descriptor 1023, which a busy server reaches
+                poll = select.poll()
+                poll.register(self.connection, select.POLLIN)
+                readable = bool(poll.poll(0))
+            else:
+                readable = bool(select.select([self.connection], [], [], 0)[0])
+            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
