@@ -28,6 +28,7 @@ FLAGS = {
     "expert_budget": "--expert-budget", "trace": "--trace", "budget": "--budget", "window": "--window",
     "quant": "--quant", "group_size": "--group-size", "dtype": "--dtype",
     "bits": "--bits", "block_size": "--block-size", "accuracy_level": "--accuracy-level",
+    "device": "--device", "gemm": "--gemm", "windows": "--windows",
 }
 
 
@@ -89,6 +90,30 @@ model_option = click.option("--model", "model_dir", type=click.Path(file_okay=Fa
 backend_option = click.option("--backend", type=click.Choice(backends.names()), default=None,
                               help="Runtime (default: mlx on Apple Silicon; elsewhere onnx when the model "
                                    "directory holds an `edge-ds export-onnx` export, else mlx).")
+
+
+def torch_options(f):
+    """--device, --gemm and --act-dtype for the torch backend, collected into one `backend_options` dict
+    of load() options (only the ones given, so other backends see none unless asked)."""
+    options = [
+        click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+                     help="With --backend torch: where it computes (default: cuda when torch sees a GPU)."),
+        click.option("--gemm", type=click.Choice(["bf16", "fp8"]), default=None,
+                     help="With --backend torch: bf16 (dequantized weights, DeepSeek's default) or fp8 "
+                          "(DeepSeek's FP8 GEMM for e4m3 weights)."),
+        click.option("--act-dtype", "act_dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
+                     help="With --backend torch: activation dtype (default bfloat16, as DeepSeek serves)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        given = dict(device=kw.pop("device"), gemm=kw.pop("gemm"), dtype=kw.pop("act_dtype"))
+        kw["backend_options"] = {k: v for k, v in given.items() if v is not None}
+        return f(*args, **kw)
+
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -202,13 +227,14 @@ def _print_stats(stats, lm) -> None:
 @sampling_options
 @expert_options
 @backend_option
-def generate(model_dir, prompt, no_chat_template, quiet, sampling, experts, backend):
+@torch_options
+def generate(model_dir, prompt, no_chat_template, quiet, sampling, experts, backend, backend_options):
     """Generate text from a prompt."""
     from .api import load
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    lm = load(model_dir, backend=backend, **experts)
+    lm = load(model_dir, backend=backend, **experts, **backend_options)
     stream = lm.stream(prompt, chat_template=False if no_chat_template else None, **sampling)
     for chunk in stream:
         click.echo(chunk, nl=False)
@@ -347,14 +373,15 @@ def info(model_dir, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @expert_options
 @backend_option
-def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json, experts, backend):
+@torch_options
+def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json, experts, backend, backend_options):
     """Measure prompt and generation tokens/s (same meaning as mlx-lm's benchmark)."""
     from .api import load
     from .bench import run_bench
 
     if prompt_tokens < 1 or generation_tokens < 1 or num_trials < 1:
         raise EdgeDSError("-p, -g and -n must be at least 1")
-    lm = load(model_dir, backend=backend, **experts)
+    lm = load(model_dir, backend=backend, **experts, **backend_options)
     result = run_bench(lm, prompt_tokens, generation_tokens, num_trials)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -402,7 +429,9 @@ def trace_replay(trace_file, budgets, prefill, half_life):
               help="UTF-8 text to score.")
 @click.option("--window", default=256, show_default=True, help="Tokens predicted per window.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def perplexity(model_dir, text_file, window, as_json):
+@backend_option
+@torch_options
+def perplexity(model_dir, text_file, window, as_json, backend, backend_options):
     """Perplexity of a text file (non-overlapping windows, BOS at the start)."""
     from .api import load
     from .perplexity import perplexity as measure
@@ -413,7 +442,7 @@ def perplexity(model_dir, text_file, window, as_json):
         raise EdgeDSError(f"{text_file}: cannot read as UTF-8 text ({e})") from None
     try:
         with progress_bar("scoring") as progress:
-            result = measure(load(model_dir), text, window, progress=progress)
+            result = measure(load(model_dir, backend=backend, **backend_options), text, window, progress=progress)
     except ValueError as e:
         raise EdgeDSError(f"{text_file}: {e}") from None
     if as_json:
@@ -421,6 +450,51 @@ def perplexity(model_dir, text_file, window, as_json):
                                "tokens": result.tokens, "window": window}, indent=2))
     else:
         click.echo(f"perplexity={result.perplexity:.4f} ({result.tokens} tokens, window {window})")
+
+
+@main.command()
+@click.argument("ref", required=False)
+@click.argument("candidates", nargs=-1)
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 text to score (default: the shipped model's held-out validation text).")
+@click.option("--windows", default=8, show_default=True, help="Windows scored, from the start of the text.")
+@click.option("--window", default=128, show_default=True, help="Tokens predicted per window.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@torch_options
+def parity(ref, candidates, text_file, windows, window, as_json, backend_options):
+    """How far each candidate build is from a reference build, on the same token windows.
+
+    REF runs on the torch backend (the datacenter numerics; --gemm fp8 by default) unless written
+    BACKEND:DIR. Each CAND is a directory (an ONNX export runs on onnx, mlx-lm weights on mlx, a
+    Hugging Face checkpoint on torch) or BACKEND[,key=value...]:DIR, e.g. torch,gemm=bf16:DIR.
+    With no arguments: the shipped model's FP8 build against its shipped builds."""
+    from .parity import default_comparison, default_text_path, format_table, open_model, parse_spec
+    from .parity import parity as measure
+
+    if ref is None:
+        ref_spec, cand_specs = default_comparison(**backend_options)
+    else:
+        if not candidates:
+            raise EdgeDSError("give at least one CAND to compare with REF")
+        options = {"gemm": "fp8", **backend_options}
+        ref_spec = parse_spec(ref, "torch", **options)
+        cand_specs = [parse_spec(c, None, **backend_options) for c in candidates]
+    text_path = Path(text_file) if text_file else default_text_path()
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeDSError(f"{text_path}: cannot read as UTF-8 text ({e})") from None
+    if not text.strip():
+        raise EdgeDSError(f"{text_path}: the text is empty")
+    reference = open_model(ref_spec)
+    models = [open_model(s) for s in cand_specs]
+    with progress_bar("comparing") as progress:
+        report = measure(reference, models, text, window, windows, labels=[str(s) for s in cand_specs],
+                         progress=progress, text_name=str(text_path))
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_table(report))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""`edge-ds parity` (edge_ds/parity.py): its figures against metrics computed independently here
+(torch float64 KL, argmax, NLL) from the reference's and candidate's logits on the same windows;
+the table and --json; specs; one clear error for a candidate of another vocabulary, a missing
+directory and an empty text."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edge_ds.cli import main as cli  # noqa: E402
+from tiny_models import condition, make_hf_model, save_hf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "Package.resources" / "edge-ds-tiny"
+TEXT = (SHIPPED / "recipe" / "data" / "validation.txt").read_text(encoding="utf-8")[:6000]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A V3-style HF checkpoint with the shipped tokenizer (vocab 4096), its 4-bit MLX conversion,
+    a model of another vocabulary, and a text file."""
+    from converters.mlx import convert
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("parity")
+    hf = save_hf(condition(make_hf_model("v3", seed=4, vocab_size=4096)), root / "hf")
+    other = save_hf(condition(make_hf_model("v3", seed=4, vocab_size=4000)), root / "other_vocab")
+    for d in (hf, other):
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(SHIPPED / name, d / name)
+    convert(str(hf), str(root / "mlx4"), quant="4bit")
+    text = root / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    return {"hf": hf, "mlx4": root / "mlx4", "other": other, "text": text, "root": root}
+
+
+def oracle_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, targets: np.ndarray) -> dict:
+    """KL(ref || cand), top-1 agreement and both perplexities with torch in float64."""
+    p = torch.log_softmax(torch.from_numpy(ref_logits).double(), -1)
+    q = torch.log_softmax(torch.from_numpy(cand_logits).double(), -1)
+    kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # [N, T]
+    t = torch.from_numpy(targets)[..., None]
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1": float((p.argmax(-1) == q.argmax(-1)).double().mean()),
+            "ref_ppl": math.exp(float(-p.gather(-1, t).mean())), "ppl": math.exp(float(-q.gather(-1, t).mean())),
+            "worst": np.unravel_index(int(kl.argmax()), kl.shape)}
+
+
+def test_parity_figures_match_independent_metrics(dirs):
+    import edge_ds
+    from edge_ds.parity import parity
+
+    ref = edge_ds.load(dirs["hf"], backend="torch", device="cpu", gemm="bf16", dtype="float32")
+    cand = edge_ds.load(dirs["mlx4"], backend="mlx")
+    report = parity(ref, [cand], TEXT, window=32, windows=5)
+    # the oracle's windows: BOS + text, 33 tokens each, sharing one token at each seam
+    ids = ref.tokenizer.encode(TEXT)
+    win = np.array([ids[i * 32:i * 32 + 33] for i in range(5)])
+    ref_logits = np.concatenate([ref.logits(w[None, :-1]) for w in win])
+    cand_logits = np.concatenate([cand.logits(w[None, :-1]) for w in win])
+    want = oracle_metrics(ref_logits, cand_logits, win[:, 1:])
+    c = report.candidates[0]
+    assert report.tokens == 160 and report.windows == 5
+    assert c.kl_mean == pytest.approx(want["kl_mean"], rel=1e-5)
+    assert c.kl_max == pytest.approx(want["kl_max"], rel=1e-5)
+    assert c.top1_agreement == pytest.approx(want["top1"])
+    assert report.reference_perplexity == pytest.approx(want["ref_ppl"], rel=1e-6)
+    assert c.perplexity == pytest.approx(want["ppl"], rel=1e-6)
+    assert c.perplexity_gap == pytest.approx(want["ppl"] / want["ref_ppl"] - 1, rel=1e-5, abs=1e-9)
+    assert (c.worst_window, c.worst_position) == tuple(int(x) for x in want["worst"])
+    assert c.kl_mean > 1e-4  # 4-bit weights do move the distribution: the test can see a difference
+    # the reference against itself: zero divergence, full agreement
+    same = parity(ref, [ref], TEXT, window=32, windows=2).candidates[0]
+    assert same.kl_max < 1e-9 and same.top1_agreement == 1.0 and abs(same.perplexity_gap) < 1e-12
+
+
+def test_cli_table_and_json(dirs):
+    hf, mlx4, text = str(dirs["hf"]), str(dirs["mlx4"]), str(dirs["text"])
+    start = time.perf_counter()
+    r = CliRunner().invoke(cli, ["parity", hf, mlx4, f"torch,gemm=bf16,dtype=float32:{hf}", "--text", text,
+                                 "--windows", "3", "--window", "64", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "| candidate | backend | KL mean |" in r.stdout and f"| mlx:{mlx4} | mlx |" in r.stdout
+    assert "gemm fp8" in r.stdout  # the reference's default: DeepSeek's FP8 GEMM where weights are FP8
+    r = CliRunner().invoke(cli, ["parity", hf, mlx4, "--text", text, "--windows", "2", "--window", "32", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["windows"] == 2 and out["tokens"] == 64 and out["reference_backend"] == "torch"
+    assert [c["backend"] for c in out["candidates"]] == ["mlx"]
+    assert set(out["candidates"][0]) >= {"kl_mean", "kl_max", "top1_agreement", "perplexity", "perplexity_gap",
+                                         "worst_window", "worst_position"}
+    assert time.perf_counter() - start < 60
+
+
+def test_specs():
+    from edge_ds.parity import parse_spec
+
+    s = parse_spec("torch,gemm=fp8,dtype=float32:/x/y", None, device="cpu")
+    assert (s.backend, s.options, str(s.path)) == ("torch", {"device": "cpu", "gemm": "fp8", "dtype": "float32"},
+                                                   "/x/y")
+    assert parse_spec("mlx:/x/y", None, device="cpu").options == {}
+    assert parse_spec("/nowhere", "torch", gemm="fp8").options == {"gemm": "fp8"}
+
+
+@pytest.mark.parametrize("case", ["other_vocab", "missing_dir", "empty_text", "no_candidate"])
+def test_bad_input_is_one_clear_error(dirs, case):
+    hf, text = str(dirs["hf"]), str(dirs["text"])
+    empty = dirs["root"] / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    args, want = {
+        "other_vocab": ([hf, str(dirs["other"]), "--text", text], "vocabulary of 4000 tokens, the reference's has 4096"),
+        "missing_dir": ([hf, str(dirs["root"] / "nope"), "--text", text], "nope: no such model directory"),
+        "empty_text": ([hf, str(dirs["mlx4"]), "--text", str(empty)], "empty.txt: the text is empty"),
+        "no_candidate": ([hf], "give at least one CAND"),
+    }[case]
+    r = CliRunner().invoke(cli, ["parity", *args])
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edge-ds: error: ") and want in lines[0], r.stderr
