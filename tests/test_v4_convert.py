@@ -464,3 +464,83 @@ def test_bad_official_input_fails_cleanly(official, tmp_path, case):
     assert str(src) in msg
     assert not dst.exists() and list(out_parent.iterdir()) == []
     assert tree_hash(src) == before
+
+
+def dequantized_state(dst: Path) -> dict[str, np.ndarray]:
+    """A converted directory's weights as float32 in transformers' names (experts per expert), each
+    quantized module dequantized by MLX with the block config.json gives it."""
+    cfg = json.loads((dst / "config.json").read_text())
+    q = cfg.get("quantization") or {}
+    arrays = {k: mx.array(v.astype(np.float32)) if v.dtype == ml_dtypes.bfloat16 else mx.array(v)
+              for k, v in read_dir(dst).items()}
+    out = {}
+    for name, a in arrays.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        module = name.removesuffix(".weight")
+        if f"{module}.scales" in arrays:
+            block = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine"),
+                     **q.get(module, {})}
+            a = mx.dequantize(a, arrays[f"{module}.scales"], arrays.get(f"{module}.biases"), block["group_size"],
+                              block["bits"], mode=block["mode"], dtype=mx.float32)
+        a = np.array(a)
+        if ".switch_mlp." in name:
+            layer, proj = name.split(".mlp.switch_mlp.")
+            for e in range(a.shape[0]):
+                out[f"{layer}.mlp.experts.{e}.{proj}"] = a[e]
+        else:
+            out[name] = a
+    return out
+
+
+@pytest.mark.skipif(not HAS_RUNTIME, reason="the V4 runtime (edge_ds/models/deepseek_v4.py) is not there yet")
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_quantized_output_runs_as_quantized(official, tmp_path, quant):
+    """--quant 4bit/8bit beside the FP4 experts' mxfp4 (two modes in one config.json): the loaded
+    model equals transformers on the weights MLX dequantizes from the converted files, and those
+    are not the float weights (so the quantization was applied)."""
+    import copy
+
+    from edge_ds.loading import load_model
+    from tests.v4_official import load_per_expert
+
+    src, model, decoded = official
+    dst = tmp_path / quant
+    convert(src, dst, quant=quant, group_size=64, dtype="float32")
+    state = dequantized_state(dst)
+    assert sorted(state) == sorted(decoded)
+    ref = copy.deepcopy(model)
+    load_per_expert(ref, {k: state[k].astype(decoded[k].dtype) for k in decoded})
+    toks = tokens(model.config.vocab_size, 40, seed=1)
+    got = np.array(load_model(dst)(mx.array(toks)).astype(mx.float32))
+    err = rel_err(got, hf_logits(ref, toks))
+    drift = rel_err(hf_logits(ref, toks), hf_logits(model, toks))
+    print(f"\n{quant}: converted vs transformers on its dequantized weights {err:.2e} (vs float weights {drift:.2e})")
+    assert err < TOL and drift > 10 * err
+
+
+def test_converted_v4_is_not_converted_again(official_none, tmp_path):
+    with pytest.raises(EdgeDSError, match="already an edge-ds"):
+        convert(official_none, tmp_path / "again", quant="none")
+    assert not (tmp_path / "again").exists()
+
+
+def test_onnx_export_refuses_v4(official, tmp_path):
+    from converters.onnx import export_onnx
+
+    with pytest.raises(EdgeDSError, match="deepseek_v4.*mlx backend"):
+        export_onnx(official[0], tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_cli_convert_official(official, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_ds.cli import main
+
+    dst = tmp_path / "cli"
+    r = CliRunner().invoke(main, ["convert", str(official[0]), str(dst), "--quant", "mxfp8"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["quantization"]["mode"] == "mxfp8"
+    assert cfg["quantization"]["model.layers.3.mlp.switch_mlp.down_proj"]["mode"] == "mxfp4"

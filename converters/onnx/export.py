@@ -45,6 +45,10 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
     if cfg.attention_bias:
         raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: attention_bias is true, but the ONNX graph has no "
                           f"attention biases, so this model cannot be exported to ONNX")
+    if cfg.model_type == "deepseek_v4":
+        raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: model_type deepseek_v4 (compressed attention, hyper-connections, "
+                          "hash-routed experts) has no ONNX graph; run it with the mlx backend "
+                          "(`edge-ds convert` makes its MLX directory)")
     if cfg.sparse_attention:
         raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: model_type deepseek_v32 uses DeepSeek sparse attention "
                           "(a Lightning Indexer choosing index_topk rows per query), which the ONNX graph does not "
