@@ -602,8 +602,12 @@ class _Pool:
         with self._lock:
             self._pending += 1
             if self._pending > self._idle and self._threads < self._size:
-                self._threads += 1
-                threading.Thread(target=self._work_loop, name=f"edge-ds-http-{self._threads}", daemon=True).start()
+                try:
+                    threading.Thread(target=self._work_loop, name=f"edge-ds-http-{self._threads + 1}",
+                                     daemon=True).start()
+                    self._threads += 1
+                except RuntimeError:  # the system has no thread to give: the running ones take it in turn
+                    pass
         self._work.put(args)
 
     def close(self) -> None:
@@ -748,7 +752,7 @@ class Server(HTTPServer):
                         except (BlockingIOError, InterruptedError):
                             pass
                     else:
-                        self._readable(key.data)
+                        self._guarded(self._readable, key.data)
                 self._take_back()
                 now = time.monotonic()
                 if accept_paused_until and now >= accept_paused_until:
@@ -803,6 +807,15 @@ class Server(HTTPServer):
         sys.stderr.write(f"edge-ds serve: {line}\n")
 
     # --- the loop's work (the loop thread only) ---
+
+    def _guarded(self, step: Callable[[_Conn], None], conn: _Conn) -> None:
+        """Runs one connection's step; a bug there drops that connection, never the loop (and the server)."""
+        try:
+            step(conn)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            if conn.state != _HANDLED:
+                self._drop(conn)
 
     def _accept(self) -> bool:
         """Accepts waiting connections; True when out of descriptors (accepting must pause)."""
@@ -887,6 +900,8 @@ class Server(HTTPServer):
                 words, headers = _head_fields(bytes(conn.buf[:m.start()]))
                 method, target, version = (words + ["", "", ""])[:3] if len(words) == 3 else ("", "", "")
                 lengths = {v for v in headers.get("content-length", [])}
+                # /health, answered here: it waits for no thread and no model, even past the connection
+                # limit (not logged per request: health checkers poll it every few seconds).
                 if method in ("GET", "HEAD") and _route(target) == "/health" and not lengths - {"0"} \
                         and "transfer-encoding" not in headers:
                     close = conn.over or not _keep_alive(version, headers)
@@ -992,13 +1007,16 @@ class Server(HTTPServer):
         """Closes connections past their deadline: a request not sent whole in request_timeout gets
         408, a keep-alive connection idle for idle_timeout and a closing one are closed quietly."""
         for conn in [c for c in self._conns | self._over if c.state != _HANDLED and c.deadline <= now]:
-            if conn.state == _CLOSING or conn.idle or (not conn.buf and not conn.over):
-                self._drop(conn)
-            elif conn.over:
-                self._answer(conn, self._full(), True)
-            else:
-                self._answer(conn, RequestError(f"the request was not received in "
-                                                f"{self.limits.request_timeout:g} s", status=408), True)
+            self._guarded(self._expire, conn)
+
+    def _expire(self, conn: _Conn) -> None:
+        if conn.state == _CLOSING or conn.idle or (not conn.buf and not conn.over):
+            self._drop(conn)
+        elif conn.over:
+            self._answer(conn, self._full(), True)
+        else:
+            self._answer(conn, RequestError(f"the request was not received in "
+                                            f"{self.limits.request_timeout:g} s", status=408), True)
 
     def _take_back(self) -> None:
         """Connections whose request a handler answered: kept for the next request, or closed."""
@@ -1012,20 +1030,25 @@ class Server(HTTPServer):
                 conn.state = _GONE  # not registered with any selector
                 self._drop(conn)
                 continue
-            now = time.monotonic()
-            try:
-                conn.sock.setblocking(False)
-            except OSError:
-                keep = False
-            conn.state = _READING
+            self._guarded(lambda c: self._resume(c, keep), conn)
+
+    def _resume(self, conn: _Conn, keep: bool) -> None:
+        now = time.monotonic()
+        try:
+            conn.sock.setblocking(False)
             self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-            if not keep or conn.force_close:
-                self._closing(conn, now)
-                continue
-            conn._reset_request()
-            conn.idle = not conn.buf
-            conn.deadline = now + (self.limits.idle_timeout if conn.idle else self.limits.request_timeout)
-            self._advance(conn)  # a pipelined request may already be here
+        except (OSError, ValueError):  # the socket failed under the handler
+            conn.state = _GONE
+            self._drop(conn)
+            return
+        conn.state = _READING
+        if not keep or conn.force_close:
+            self._closing(conn, now)
+            return
+        conn._reset_request()
+        conn.idle = not conn.buf
+        conn.deadline = now + (self.limits.idle_timeout if conn.idle else self.limits.request_timeout)
+        self._advance(conn)  # a pipelined request may already be here
 
     # --- a handler thread's work ---
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import socket
 import threading
@@ -18,7 +19,7 @@ from typing import Iterator
 import pytest
 
 import edge_ds
-from edge_ds.server import Limits, Server, make_server, model_thread
+from edge_ds.server import POLL_SECONDS, Limits, Server, make_server, model_thread
 
 WAIT = 10.0  # seconds a test waits for something that takes milliseconds, so a busy machine cannot flake it
 COMPLETION = json.dumps({"prompt": "In the beginning", "max_tokens": 2, "temperature": 0}).encode()
@@ -208,3 +209,28 @@ def test_pipelined_requests_on_one_connection_are_answered_in_order(lm):
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)  # each answer's body runs into the next status line
     assert statuses == [b"200", b"200", b"200"], answer
     assert b'"text_completion"' in answer and answer.index(b'"status": "ok"') < answer.index(b'"text_completion"')
+
+
+def test_a_generation_is_answered_on_a_descriptor_past_1023(lm):
+    """A busy server's sockets get descriptors past select()'s 1024: waiting on one must still work
+    (the client-gone check once cancelled every generation there)."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"the open-file limit ({hard}) is under {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    fds: list[int] = []
+    try:
+        with serving(lm) as srv:
+            while len(fds) < 1100:  # the next descriptors the server gets are past 1023
+                fds.append(os.open(os.devnull, os.O_RDONLY))
+            with model_thread_held() as gate:  # the request waits long enough to check on its client
+                threading.Timer(4 * POLL_SECONDS, gate.set).start()
+                status, _, body = ask(srv, "POST", "/v1/completions", COMPLETION)
+            assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
