@@ -103,3 +103,61 @@ def test_light_modules_do_not_load_mlx(module):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+# The datacenter leg (issue 17): a CUDA server has no MLX, an edge device has no torch.
+TORCH_SIDE = ("edge_ds.datacenter", "edge_ds.backends.torch")
+HEAVY = {"mlx": ("mlx",), "torch": ("torch", "transformers", "triton")}
+
+
+def _is_torch_side(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in TORCH_SIDE)
+
+
+def _path(module: str) -> Path:
+    p = ROOT / module.replace(".", "/")
+    return p / "__init__.py" if p.is_dir() else p.with_suffix(".py")
+
+
+def _closure(start: set[str], g: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), list(start)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(g[m])
+    return seen
+
+
+def _imports_any(module: str, roots: tuple[str, ...]) -> list[str]:
+    return sorted(i for i in imports(_path(module)) if i.split(".")[0] in roots)
+
+
+def test_torch_side_never_imports_mlx():
+    """edge_ds.datacenter and the torch backend, and everything of ours they import at any depth."""
+    g = graph()
+    start = {m for m in g if _is_torch_side(m)}
+    assert start >= {"edge_ds.datacenter", "edge_ds.datacenter.fp8", "edge_ds.backends.torch"}
+    found = {m: _imports_any(m, HEAVY["mlx"]) for m in _closure(start, g)}
+    assert {m: v for m, v in found.items() if v} == {}
+
+
+def test_mlx_side_never_imports_torch():
+    """Only the torch side names torch/transformers, and nothing else of ours imports the torch side
+    (the backend registry reaches backends.torch by name through importlib, which imports no torch)."""
+    g = graph()
+    others = {m for m in g if not _is_torch_side(m)}
+    assert {m: _imports_any(m, HEAVY["torch"]) for m in others if _imports_any(m, HEAVY["torch"])} == {}
+    assert {m: sorted(d for d in g[m] if _is_torch_side(d)) for m in others
+            if any(_is_torch_side(d) for d in g[m])} == {}
+
+
+@pytest.mark.parametrize("module", ["edge_ds.datacenter", "edge_ds.backends.torch", "edge_ds"])
+def test_torch_side_loads_no_mlx(module):
+    code = (f"import sys, {module}; import torch; print(sorted(m for m in sys.modules "
+            "if m == 'mlx' or m.startswith('mlx.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if r.returncode and "No module named 'torch'" in r.stderr:
+        pytest.skip("torch is not installed")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
