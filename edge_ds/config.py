@@ -358,19 +358,20 @@ class DeepseekV4Config(ModelConfig):
         return True
 
     def cache_bytes(self, context: int, itemsize: int) -> int:
-        """What V4's cache holds after `context` tokens: per layer a window of sliding_window - 1 KV rows,
-        one compressed entry per m tokens (plus the indexer's key for CSA), and the compressor's
-        pending tokens (fewer than m, their kv and gate projections, twice as wide for CSA)."""
+        """What V4's cache holds after `context` tokens: per layer a window of sliding_window - 1 KV rows
+        and, per compressor (and CSA's indexer) of width w, one entry per m tokens, the open
+        window's tokens (kv and gate, s = 2 series for CSA else 1) and CSA's previous-window overlap."""
         total = 0
         for i in range(self.num_hidden_layers):
-            rows = min(context, self.sliding_window - 1) * self.head_dim
+            total += min(context, self.sliding_window - 1) * self.head_dim
             m = self.compress_rate(i)
-            if m:
-                csa = self.layer_types[i] == CSA
-                width = self.head_dim + (self.index_head_dim if csa else 0)
-                pending = min(context % m + (m if csa else 0), context)  # CSA keeps the last window for overlap
-                rows += context // m * width + pending * 2 * width * (2 if csa else 1)
-            total += rows
+            if not m:
+                continue
+            csa = self.layer_types[i] == CSA
+            for w in (self.head_dim, self.index_head_dim) if csa else (self.head_dim,):
+                total += context // m * w + context % m * (2 if csa else 1) * w * 2
+                if csa and context >= m:
+                    total += m * w * 2
         return total * itemsize
 
     # --- parsing -------------------------------------------------------------------
