@@ -80,7 +80,7 @@ def convert(src: str | Path, dst: str | Path, quant: str = "4bit", group_size: i
         ckpt.close()
         raise EdgeDSError(f"{src}: already an edge-ds / mlx-lm model (quantized, or experts stacked as switch_mlp); "
                           "load it as it is, or convert the original Hugging Face checkpoint")
-    source = official_v4.open_v4_source(ckpt) if cfg.model_type == "deepseek_v4" else Source(ckpt)
+    source = official_v4.V4Source(ckpt) if cfg.model_type == "deepseek_v4" else Source(ckpt)
     try:
         units = _plan(cfg, source)
         with staged_output(src, dst) as tmp:

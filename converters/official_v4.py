@@ -142,12 +142,6 @@ def is_official_layout(names) -> bool:
     return "embed.weight" in names and not any(n.startswith("model.") for n in names)
 
 
-def needs_v4_source(names: list[str]) -> bool:
-    """Whether any stored name is spelled otherwise than the runtime reads it (official or
-    save_pretrained leaves, fused experts, FP8 `.scale` companions)."""
-    return any(_FUSED.match(n) or n.endswith(SCALE_SUFFIX) or runtime_name(n) not in (None, n) for n in names)
-
-
 # --- the source -----------------------------------------------------------------------------------
 class V4Source(Source):
     """A V4 checkpoint in any of the three spellings, seen under the runtime's names.
@@ -168,8 +162,11 @@ class V4Source(Source):
             if name.startswith("mtp."):
                 self._raw.append(name)
                 continue
-            if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) + ".weight" in present:
-                continue  # a block scale: read with its weight
+            if layout.is_recomputed(name):
+                continue  # RoPE's inverse frequencies
+            if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) + ".weight" in present \
+                    or layout.is_fp8_scale(name) and name.removesuffix(layout.FP8_SCALE_SUFFIX) in present:
+                continue  # a block scale (official `.scale`, or transformers' `weight_scale_inv`): read with its weight
             fused = _FUSED.match(name)
             if fused is not None:
                 self._add_fused(name, int(fused.group(1)), fused.group(2))
@@ -224,8 +221,14 @@ class V4Source(Source):
         return f"tensor 'layers.{m}.{official}' ({name})"
 
     def scale_of(self, name: str) -> str | None:
-        s = self.stored(name).removesuffix(".weight") + SCALE_SUFFIX
-        return s if s in self.ckpt and name not in self._fused else None
+        """The block-scale tensor stored beside weight `name`, if any."""
+        if name in self._fused:
+            return None
+        stored = self.stored(name)
+        for s in (stored.removesuffix(".weight") + SCALE_SUFFIX, layout.fp8_scale_of(stored)):
+            if s in self.ckpt:
+                return s
+        return None
 
     def is_fp4(self, name: str) -> bool:
         """Packed FP4: an 8-bit integer tensor with a `.scale` beside it."""
@@ -322,13 +325,6 @@ class V4Source(Source):
             return np.array(m[e, rows], dtype=np.float32)
         finally:
             del m
-
-
-def open_v4_source(ckpt: Checkpoint) -> Source:
-    """The view of a deepseek_v4 checkpoint the converter reads: V4Source unless its names are
-    the runtime's already."""
-    names = ckpt.names()
-    return V4Source(ckpt) if needs_v4_source(names) or any(n.startswith("mtp.") for n in names) else Source(ckpt)
 
 
 def keeps_float32(name: str) -> bool:

@@ -544,3 +544,33 @@ def test_cli_convert_official(official, tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["quantization"]["mode"] == "mxfp8"
     assert cfg["quantization"]["model.layers.3.mlp.switch_mlp.down_proj"]["mode"] == "mxfp4"
+
+
+def test_runtime_names_with_fp8_scale_inv(tiny, tmp_path):
+    """transformers' names with FP8 linears beside a float32 `weight_scale_inv` (its FP8 quantizer's
+    spelling), experts per expert: dequantized by the same 128x128 rule."""
+    from tests.v4_official import fp8_decode, fp8_encode
+
+    state = per_expert_state(tiny)
+    tensors, want = {}, {}
+    for name, a in state.items():
+        if a.ndim == 2 and name.endswith("proj.weight"):
+            q, codes = fp8_encode(a)
+            tensors[name] = torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = torch.from_numpy(e8m0(codes))
+            want[name] = fp8_decode(q, codes)
+        else:
+            tensors[name], want[name] = torch.from_numpy(np.ascontiguousarray(a)), a
+    src = tmp_path / "src"
+    src.mkdir()
+    tiny.config.save_pretrained(src)
+    save_file(tensors, str(src / "model.safetensors"))
+    dst = tmp_path / "dst"
+    convert(src, dst, quant="none", dtype="float32")
+    out = read_dir(dst)
+    E = tiny.config.n_routed_experts
+    for name, w in want.items():
+        if ".mlp.experts." not in name:
+            np.testing.assert_array_equal(out[name], w, err_msg=name)
+    w = np.stack([want[f"model.layers.2.mlp.experts.{e}.down_proj.weight"] for e in range(E)])
+    np.testing.assert_array_equal(out["model.layers.2.mlp.switch_mlp.down_proj.weight"], w)
