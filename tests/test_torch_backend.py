@@ -245,6 +245,28 @@ def test_fp8_checkpoint_dequantized_matches_oracle(fp8_ckpt):
     assert np.abs(lm(TOKENS) - hf_logits(oracle, TOKENS)).max() < 1e-4
 
 
+@pytest.mark.parametrize("gemm", ["bf16", "fp8"])
+def test_runs_without_ml_dtypes_or_mlx(fp8_ckpt, tmp_path, gemm):
+    """The GPU image has torch and transformers but neither MLX nor ml_dtypes: the backend then reads
+    with safetensors' own torch reader, to the same logits."""
+    oracle, src, _ = fp8_ckpt
+    np.save(tmp_path / "tokens.npy", TOKENS)
+    code = ("import sys; sys.modules['ml_dtypes'] = None; sys.modules['mlx'] = None\n"
+            "import numpy as np, torch; torch.set_num_threads(1)\n"
+            "from edge_ds.backends import torch as tb\n"
+            "lm = tb.load(sys.argv[1], device='cpu', gemm=sys.argv[2], dtype='float32')\n"
+            "np.save(sys.argv[3], lm(np.load(sys.argv[4])))\n"
+            "assert not [m for m in sys.modules if m.startswith(('mlx', 'ml_dtypes')) and sys.modules[m]]")
+    out = tmp_path / "logits.npy"
+    r = subprocess.run([sys.executable, "-c", code, str(src), gemm, str(out), str(tmp_path / "tokens.npy")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    in_process = torch_backend.load(src, device="cpu", gemm=gemm, dtype="float32")(TOKENS)
+    np.testing.assert_array_equal(np.load(out), in_process)
+    if gemm == "bf16":
+        assert np.abs(np.load(out) - hf_logits(oracle, TOKENS)).max() < 1e-4
+
+
 def fp8_oracle_linear(weight: np.ndarray):
     """DeepSeek's FP8 linear from the numpy oracle: act_oracle on x, float64 product of the
     dequantized operands, rounded to float32 then bf16."""

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..errors import ContextLengthError, EdgeDSError, OptionError
 
@@ -151,6 +150,66 @@ def _to_torch(a: np.ndarray) -> "torch.Tensor":
     return torch.from_numpy(a)
 
 
+class _Tensors:
+    """A checkpoint's tensors as torch tensors, by name: edge-ds's reader (it checks headers and
+    shards, and resolves names through model.safetensors.index.json) where ml_dtypes is
+    installed, else safetensors' own torch reader (a GPU image may have torch but no ml_dtypes)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        try:
+            from ..checkpoint import Checkpoint  # needs ml_dtypes
+        except ImportError:
+            Checkpoint = None
+        if Checkpoint is not None:
+            self._ckpt = Checkpoint(directory)
+            self._names = set(self._ckpt.names())
+            return
+        from safetensors import safe_open
+
+        self._ckpt = None
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise EdgeDSError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted({directory / Path(f).name for f in weight_map.values()})
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise EdgeDSError(f"{directory}: no *.safetensors files")
+        self._where: dict[str, Any] = {}
+        for path in files:
+            if not path.is_file():
+                raise EdgeDSError(f"{index}: shard {path.name} is missing from {directory}")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise EdgeDSError(f"{path}: not a readable safetensors file ({e})") from None
+            for name in handle.keys():
+                self._where[name] = handle
+        self._names = set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def read(self, name: str) -> "torch.Tensor":
+        if name not in self._names:
+            raise EdgeDSError(f"{self.directory}: tensor {name!r} is missing (the checkpoint does not match "
+                              "config.json)")
+        if self._ckpt is not None:
+            return _to_torch(self._ckpt.read(name))
+        return self._where[name].get_tensor(name)
+
+    def is_fp8(self, name: str) -> bool:
+        if name not in self._names:
+            return False
+        if self._ckpt is not None:
+            return str(self._ckpt.info(name).dtype) == "F8_E4M3"
+        return self._where[name].get_slice(name).get_dtype() == "F8_E4M3"
+
+
 def _no_init():
     """transformers' context that skips random initialisation (its module moved across 5.x)."""
     import contextlib
@@ -241,17 +300,13 @@ class TorchModel:
 
         from ..datacenter import FP8Experts, FP8Linear, weight_dequant
 
-        ckpt = Checkpoint(directory)
+        ckpt = _Tensors(directory)
         state = model.state_dict()
         fp8 = self.gemm == "fp8"
         replaced: set[str] = set()  # module paths swapped for FP8 modules
         out: dict[str, torch.Tensor] = {}
 
-        def read(name: str) -> torch.Tensor:
-            if name not in ckpt:
-                raise EdgeDSError(f"{directory}: tensor {name!r} is missing (the checkpoint does not match "
-                                  "config.json)")
-            return _to_torch(ckpt.read(name))
+        read = ckpt.read
 
         def weight(name: str, dtype: torch.dtype) -> torch.Tensor:
             """A float weight, FP8 ones dequantized by the fixed 128 rule."""
@@ -272,7 +327,7 @@ class TorchModel:
                 prefix = f"{path}."
                 E = target.shape[0]
                 names = [[f"{prefix}{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")] for e in range(E)]
-                if fp8 and read(names[0][0]).dtype == torch.float8_e4m3fn:
+                if fp8 and ckpt.is_fp8(names[0][0]):
                     module = model.get_submodule(path)
                     experts = [tuple(fp8_linear(n) for n in trio) for trio in names]
                     self._swap(model, path, FP8Experts(experts, module.act_fn))
@@ -284,7 +339,7 @@ class TorchModel:
                     t = torch.stack([weight(d, self.dtype) for _, _, d in names])
             else:
                 module = model.get_submodule(path) if path else model
-                is_fp8_weight = key in ckpt and read_dtype(ckpt, key) == "F8_E4M3"
+                is_fp8_weight = ckpt.is_fp8(key)
                 if (fp8 and is_fp8_weight and leaf == "weight" and isinstance(module, nn.Linear)
                         and not path.endswith(DEQUANTIZED_FP8)):
                     self._swap(model, path, fp8_linear(key))
@@ -395,11 +450,6 @@ class TorchModel:
             cache.ids = ids if cache.ids is None else torch.cat([cache.ids, ids], dim=1)
             cache.held = cache.offset
             return out.logits.float()
-
-
-def read_dtype(ckpt: Checkpoint, name: str) -> str:
-    """The safetensors dtype of a checkpoint tensor ("F8_E4M3", "BF16", ...)."""
-    return str(ckpt.info(name).dtype)
 
 
 def detect(directory: Path) -> bool:
