@@ -109,10 +109,10 @@ def convert(src: str | Path, dst: str | Path, quant: str = "4bit", group_size: i
             (tmp / layout.INDEX_FILE).write_text(json.dumps(index, indent=2))
             out_cfg = cfg.to_dict()
             out_cfg.pop("expert_dtype", None)  # the release's expert format: converted away here
-            quant = _quantization_block(q, writer.native_mxfp4)
-            if quant is not None:
-                out_cfg["quantization"] = quant
-                out_cfg["quantization_config"] = quant
+            block = _quantization_block(q, writer.native_mxfp4)
+            if block is not None:
+                out_cfg["quantization"] = block
+                out_cfg["quantization_config"] = block
             out_cfg["torch_dtype"] = dtype
             (tmp / layout.CONFIG_FILE).write_text(json.dumps(out_cfg, indent=2))
     finally:
