@@ -358,11 +358,21 @@ def info(model_dir, as_json):
                     + (f" ({q.get('mode', 'symmetric')} {q['bits']}-bit, group "
                        f"{q.get('group_size', q.get('block_size'))})" if q else " (unquantized)")),
         ("size on disk", f"{facts['size_on_disk_bytes'] / 1e6:,.1f} MB"),
-        ("cache", f"{facts['cache_bytes_per_token']:,} bytes/token ({facts['cache_dtype']} latent)"),
+        ("cache", f"{facts['cache_bytes_per_token']:,} bytes/token ({facts['cache_dtype']}); "
+                  + ", ".join(f"{_tokens(n)}: {_bytes(b)}" for n, b in facts["cache_bytes_at"].items())),
         ("backend", f"{facts['backend']} by default ({facts['backend_reason']})"),
     ]
     for k, v in rows:
         click.echo(f"{k:>13}: {v}")
+
+
+def _tokens(n: int) -> str:
+    """4096 -> '4k tokens', 1048576 -> '1M tokens'."""
+    return f"{n >> 20}M tokens" if n >= 1 << 20 else f"{n >> 10}k tokens"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 @main.command()

@@ -14,7 +14,8 @@ from .errors import EdgeDSError
 from .loading import compute_dtype
 
 FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2": "Kimi-K2",
-            "deepseek_v32": "DeepSeek-V3.2"}
+            "deepseek_v32": "DeepSeek-V3.2", "deepseek_v4": "DeepSeek-V4"}
+CACHE_CONTEXTS = (4096, 65536, 1 << 20)  # the contexts `info` prices the prompt cache at
 
 
 def model_info(directory: str | Path) -> dict:
@@ -49,7 +50,10 @@ def model_info(directory: str | Path) -> dict:
         "bits_per_weight": round(weight_bytes * 8 / max(total, 1), 3),
         "quantization": quantization,
         "size_on_disk_bytes": size,
-        "cache_bytes_per_token": cfg.num_hidden_layers * cfg.cache_row_dim * dtype.size,
+        # The long-context average: exact for a latent cache (linear); V4's window and open windows
+        # weigh nothing at 1M tokens.
+        "cache_bytes_per_token": cfg.cache_bytes(CACHE_CONTEXTS[-1], dtype.size) // CACHE_CONTEXTS[-1],
+        "cache_bytes_at": {n: cfg.cache_bytes(n, dtype.size) for n in CACHE_CONTEXTS},
         "cache_dtype": str(dtype).replace("mlx.core.", ""),
         "backend": backend,
         "backend_reason": why,

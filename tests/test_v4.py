@@ -193,3 +193,62 @@ def test_rewind_starts_over_and_prefix_reuse_recomputes(v4):
     fresh = np.array(model(mx.array([toks[:20] + [5]]), cache))
     again = np.array(model(mx.array([toks[:20] + [5]])))
     np.testing.assert_allclose(fresh, again, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def v4_4bit(v4, tmp_path_factory):
+    """Config "a" (with room for a byte-level tokenizer's vocabulary) converted to 4 bits, group 32:
+    what a user runs."""
+    from converters.mlx import convert
+    from tests.test_api import add_tokenizer
+
+    path = save_v4(make_v4("a", vocab_size=300), tmp_path_factory.mktemp("v4tok"))
+    add_tokenizer(path, 300)
+    return convert(path, tmp_path_factory.mktemp("v4q") / "q4", quant="4bit", group_size=32, dtype="float32")
+
+
+@pytest.mark.parametrize("budget", ["10%", "25%"])
+def test_lazy_experts_bit_identical_to_resident(v4_4bit, budget):
+    from edge_ds.experts import attach_experts
+
+    toks = tokens(300, 48, seed=7)
+    resident = load_model(v4_4bit)
+    lazy = load_model(v4_4bit, routed_experts=False)
+    experts = attach_experts(lazy, v4_4bit, budget)
+    outs = []
+    for model in (resident, lazy):
+        cache = model.make_cache()
+        out = [np.array(model(mx.array(toks[:, :24]), cache))]
+        out += [np.array(model(mx.array(toks[:, i:i + 1]), cache)) for i in range(24, 48)]
+        outs.append(np.concatenate(out, axis=1))
+    assert sum(experts.stats.misses.values()) > 0  # experts were paged in and out
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_info_reports_v4_cache_at_long_contexts(v4_4bit):
+    from edge_ds.info import CACHE_CONTEXTS, model_info
+
+    facts = model_info(v4_4bit)
+    assert facts["family"] == "DeepSeek-V4" and facts["moe_layers"] == STYLES["a"]["num_hidden_layers"]
+    cfg = load_model(v4_4bit).config
+    assert facts["cache_bytes_at"] == {n: cfg.cache_bytes(n, 4) for n in CACHE_CONTEXTS}
+
+
+def test_api_generates_chats_and_traces_on_v4(v4_4bit, tmp_path):
+    """generate, a chat over several turns (prefix reuse through the V4 cache), lazy experts with
+    a trace: the same tokens as the resident model."""
+    import edge_ds
+    from edge_ds.experts.trace import load_trace
+
+    prompt = "the quick brown fox jumps over the lazy dog"
+    lm = edge_ds.load(v4_4bit)
+    ref = lm.generate(prompt, max_tokens=24, chat_template=False)
+    assert ref.stats.generation_tokens == 24
+    chat = lm.chat()
+    replies = ["".join(chat.send(turn, max_tokens=8)) for turn in ("hello", "and again", "once more")]
+    assert len(replies) == 3 and len(chat.messages) == 6
+    lazy = edge_ds.load(v4_4bit, expert_budget="25%", trace=tmp_path / "t.jsonl")
+    out = lazy.generate(prompt, max_tokens=24, chat_template=False)
+    assert out.tokens == ref.tokens and lazy.expert_stats()["misses"] > 0
+    lazy.experts.recorder.close()
+    assert len(load_trace(tmp_path / "t.jsonl").steps) > 0
