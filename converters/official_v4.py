@@ -20,7 +20,6 @@ float32, and hands packed FP4 experts over as MLX `mxfp4` arrays without touchin
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np

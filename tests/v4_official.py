@@ -26,7 +26,8 @@ V4_TINY = dict(
     vocab_size=160, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
     head_dim=48, q_lora_rank=48, partial_rotary_factor=0.25, num_experts_per_tok=2, n_routed_experts=4,
     layer_types=[SWA, CSA, HCA, CSA], compress_rates={CSA: 4, HCA: 8}, hc_mult=2, o_groups=1, o_lora_rank=16,
-    index_n_heads=2, index_head_dim=16, index_topk=64, sliding_window=8, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+    index_n_heads=2, index_head_dim=16, index_topk=64, sliding_window=8,
+    mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
     max_position_embeddings=512, num_nextn_predict_layers=1, routed_scaling_factor=1.5, swiglu_limit=10.0,
 )
 
@@ -191,8 +192,9 @@ def load_per_expert(model, state: dict[str, np.ndarray]) -> None:
     for k, v in sd.items():
         if k.endswith("mlp.experts.gate_up_proj"):
             base = k.removesuffix("gate_up_proj")
-            new[k] = torch.tensor(np.stack([np.concatenate([state[f"{base}{e}.gate_proj.weight"],
-                                                            state[f"{base}{e}.up_proj.weight"]]) for e in range(v.shape[0])]))
+            new[k] = torch.tensor(np.stack([
+                np.concatenate([state[f"{base}{e}.gate_proj.weight"], state[f"{base}{e}.up_proj.weight"]])
+                for e in range(v.shape[0])]))
         elif k.endswith("mlp.experts.down_proj"):
             base = k.removesuffix("down_proj")
             new[k] = torch.tensor(np.stack([state[f"{base}{e}.down_proj.weight"] for e in range(v.shape[0])]))
@@ -277,7 +279,8 @@ def official_config(cfg, expert_dtype: str) -> dict:
     rate = {SWA: 0, **cfg.compress_rates}
     return {
         "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "moe_intermediate_size": cfg.moe_intermediate_size,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": 1, "head_dim": cfg.head_dim, "q_lora_rank": cfg.q_lora_rank,
         "qk_rope_head_dim": cfg.qk_rope_head_dim, "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": 1,
