@@ -193,6 +193,19 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def official_b(tmp_path_factory):
+    """Another schedule: CSA first, two hash layers, hc_mult 4, o_groups 2, rates 8 and 16, 6 experts top-3."""
+    from tests.v4_official import CSA, HCA, SWA
+
+    model = make_v4_model(seed=5, hc_mult=4, o_groups=2, layer_types=[CSA, HCA, SWA, HCA],
+                          mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], compress_rates={CSA: 8, HCA: 16},
+                          num_experts_per_tok=3, n_routed_experts=6)
+    src = tmp_path_factory.mktemp("v4") / "official_b"
+    decoded = write_official(model, src, "fp4", seed=5)
+    return src, model, decoded
+
+
+@pytest.fixture(scope="module")
 def official_none(official, tmp_path_factory):
     dst = tmp_path_factory.mktemp("v4out") / "none"
     convert(official[0], dst, quant="none", dtype="float32")
@@ -347,20 +360,20 @@ def hf_logits(model, toks: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(not HAS_RUNTIME, reason="the V4 runtime (edge_ds/models/deepseek_v4.py) is not there yet")
-@pytest.mark.parametrize("which", ["official", "base"])
-def test_logits_match_transformers(official, official_none, base, tmp_path, which):
+@pytest.mark.parametrize("which", ["official", "official_b", "base"])
+def test_logits_match_transformers(request, official_none, tmp_path, which):
     """The converted model (non-expert weights float32, FP4 experts mxfp4) against transformers
-    on the decoded weights; 40 tokens: five sliding windows, ten CSA and five HCA entries,
-    index_topk above the entries so no selection tie can decide the result."""
+    on the decoded weights; 64 tokens: eight sliding windows, at least eight compressed entries
+    per compressed layer, index_topk above the entries so no selection tie can decide the result."""
     from edge_ds.loading import load_model
 
-    src, model, _ = official if which == "official" else base
+    src, model, _ = request.getfixturevalue(which)
     if which == "official":
         dst = official_none
     else:
-        dst = tmp_path / "base"
+        dst = tmp_path / which
         convert(src, dst, quant="none", dtype="float32")
-    toks = tokens(model.config.vocab_size, 40)
+    toks = tokens(model.config.vocab_size, 64)
     lm = load_model(dst)
     got = np.array(lm(mx.array(toks)).astype(mx.float32))
     err = rel_err(got, hf_logits(model, toks))
