@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +50,14 @@ class LatentCache:
     def nbytes(self) -> int:
         s = self.state
         return 0 if s is None else s.nbytes
+
+    def arrays(self) -> dict[str, mx.array]:
+        """What save() writes for this layer (the file's `layer.{i}` tensor)."""
+        return {} if self.state is None else {"": self.state}
+
+    def restore(self, arrays: dict[str, mx.array], offset: int) -> None:
+        if "" in arrays:
+            self.update_and_fetch(arrays[""])
 
 
 class PromptCache:
@@ -107,7 +116,10 @@ class PromptCache:
         return self.offset
 
     def save(self, path: str | Path, model_fingerprint: str = "") -> None:
-        arrays = {f"layer.{i}": c.state for i, c in enumerate(self.layers) if c.state is not None}
+        """Writes the tokens and each layer's arrays (`layer.{i}`, or `layer.{i}.{name}` for a layer
+        cache with several) to one safetensors file, atomically."""
+        arrays = {f"layer.{i}" + (f".{name}" if name else ""): a
+                  for i, c in enumerate(self.layers) for name, a in c.arrays().items()}
         meta = {"format": CACHE_FORMAT, "num_layers": str(len(self.layers)),
                 "tokens": json.dumps(self.tokens), "model": model_fingerprint}
         path = Path(path)
@@ -122,8 +134,14 @@ class PromptCache:
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int, model_fingerprint: str = "") -> "PromptCache":
+        """A latent prompt cache saved by save(); see restore for other layer caches."""
+        return cls(num_layers).restore(path, model_fingerprint)
+
+    def restore(self, path: str | Path, model_fingerprint: str = "") -> "PromptCache":
+        """Fills this empty cache (made by the model's make_cache) from a file save() wrote."""
         # Our own parser checks the whole header first: mx.load trusts it (a shape's element count
         # wraps around in its 32-bit arithmetic), and a cache file may come from anywhere.
+        num_layers = len(self.layers)
         with SafetensorsFile(path) as f:
             meta, shapes = f.metadata, {name: (t.shape, t.dtype) for name, t in f.tensors.items()}
         if meta.get("format") != CACHE_FORMAT:
@@ -139,7 +157,8 @@ class PromptCache:
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                    for t in tokens):
             raise EdgeDSError(f"{path}: metadata 'tokens' is not a JSON list of token ids")
-        for i in range(num_layers):
+        latent = isinstance(self.layers[0], LatentCache) if self.layers else True
+        for i in range(num_layers if latent else 0):
             if f"layer.{i}" not in shapes:  # a layer holding no tokens is not saved
                 if tokens:
                     raise EdgeDSError(f"{path}: layer {i} is missing, expected {len(tokens)} tokens")
@@ -149,14 +168,20 @@ class PromptCache:
                     or not 0 < shape[0] * shape[3] < 2**31:
                 raise EdgeDSError(f"{path}: layer {i} is {dtype} {list(shape)}, expected latent rows "
                                   f"[batch, 1, {len(tokens)} tokens, width] of floats")
+        for name, (shape, dtype) in shapes.items() if not latent else ():
+            if dtype not in ("F32", "F16", "BF16") or not 0 < len(shape) <= 4 or not 0 <= math.prod(shape) < 2**31:
+                raise EdgeDSError(f"{path}: tensor '{name}' is {dtype} {list(shape)}, not a cache array of floats")
         try:
             arrays = mx.load(str(path))
         except Exception as e:  # mlx raises RuntimeError/ValueError with its own wording
             raise EdgeDSError(f"{path}: not a readable prompt cache ({e})") from None
-        cache = cls(num_layers)
-        cache.tokens = tokens
-        for i, c in enumerate(cache.layers):
-            if f"layer.{i}" in arrays:
-                c.update_and_fetch(arrays[f"layer.{i}"])
-        return cache
-
+        for i, c in enumerate(self.layers):
+            prefix = f"layer.{i}"
+            mine = {k[len(prefix) + 1:] if k != prefix else "": v for k, v in arrays.items()
+                    if k == prefix or k.startswith(prefix + ".")}
+            try:
+                c.restore(mine, len(tokens))
+            except (KeyError, ValueError) as e:
+                raise EdgeDSError(f"{path}: layer {i} does not fit this model's cache ({e})") from None
+        self.tokens = tokens
+        return self

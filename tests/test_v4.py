@@ -252,3 +252,31 @@ def test_api_generates_chats_and_traces_on_v4(v4_4bit, tmp_path):
     assert out.tokens == ref.tokens and lazy.expert_stats()["misses"] > 0
     lazy.experts.recorder.close()
     assert len(load_trace(tmp_path / "t.jsonl").steps) > 0
+
+
+def test_prompt_cache_saves_and_restores(v4, tmp_path):
+    """Saved mid-window (open windows, CSA overlap, entries), restored into a fresh cache: decoding
+    goes on exactly as without the round trip. A latent cache's file does not fit a V4 model."""
+    from edge_ds.cache import PromptCache
+    from edge_ds.errors import EdgeDSError
+
+    _, _, model = v4["b"]
+    toks = tokens(128, 50, seed=8)
+    cache = model.make_cache()
+    model(mx.array(toks[:, :37]), cache)
+    cache.tokens = toks[0, :37].tolist()
+    cache.save(tmp_path / "v4.safetensors", "fp")
+    restored = model.make_cache().restore(tmp_path / "v4.safetensors", "fp")
+    assert restored.tokens == cache.tokens and restored.nbytes == cache.nbytes
+    want = np.array(model(mx.array(toks[:, 37:]), cache))
+    got = np.array(model(mx.array(toks[:, 37:]), restored))
+    np.testing.assert_array_equal(got, want)
+
+    latent = PromptCache(len(model.layers))
+    latent.layers[0].update_and_fetch(mx.zeros((1, 1, 3, 8)))
+    for c in latent.layers[1:]:
+        c.update_and_fetch(mx.zeros((1, 1, 3, 8)))
+    latent.tokens = [1, 2, 3]
+    latent.save(tmp_path / "latent.safetensors")
+    with pytest.raises(EdgeDSError, match="does not fit this model's cache"):
+        model.make_cache().restore(tmp_path / "latent.safetensors")

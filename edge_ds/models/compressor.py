@@ -73,6 +73,33 @@ class V4LayerCache:
     def state(self) -> mx.array | None:
         return self.window
 
+    FIELDS = ("pending_kv", "pending_gate", "overlap_kv", "overlap_gate")
+
+    def arrays(self) -> dict[str, mx.array]:
+        """What cache.PromptCache.save writes: the window and each pool's state, by name."""
+        out = {} if self.window is None else {"window": self.window}
+        for name, pool in self.pools.items():
+            out.update({f"{name}.{f}": getattr(pool, f) for f in self.FIELDS if getattr(pool, f) is not None})
+            if pool.entries.state is not None:
+                out[f"{name}.entries"] = pool.entries.state
+        return out
+
+    def restore(self, arrays: dict[str, mx.array], offset: int) -> None:
+        """The inverse of arrays(), for a cache that had seen `offset` tokens."""
+        unknown = set(arrays) - {"window"} - {f"{n}.{f}" for n in self.pools for f in (*self.FIELDS, "entries")}
+        if unknown:
+            raise KeyError(f"unexpected array '{sorted(unknown)[0]}'")
+        self.window = arrays.get("window")
+        if offset and (self.window is None or self.window.ndim != 4
+                       or self.window.shape[2] != min(offset, self.keep)):
+            raise ValueError(f"the window should hold {min(offset, self.keep)} rows")
+        for name, pool in self.pools.items():
+            for f in self.FIELDS:
+                setattr(pool, f, arrays.get(f"{name}.{f}"))
+            if f"{name}.entries" in arrays:
+                pool.entries.update_and_fetch(arrays[f"{name}.entries"])
+        self.offset = offset
+
     @property
     def nbytes(self) -> int:
         arrays = ([self.window] if self.window is not None else []) + [
