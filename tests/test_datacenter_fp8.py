@@ -12,7 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge_ds.datacenter import FP8Linear, act_quant, fp8_gemm, fp8_gemm_emulated, weight_dequant  # noqa: E402
+from edge_ds.datacenter import (FP8Linear, act_quant, fp8_gemm, fp8_gemm_emulated, weight_dequant,  # noqa: E402
+                                weight_quant)
 from edge_ds.errors import EdgeDSError  # noqa: E402
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -153,6 +154,32 @@ def test_weight_dequant_wrong_scale_shape_names_tensor():
     with pytest.raises(EdgeDSError, match=r"q_b_proj.weight_scale_inv: shape \[3, 2\], expected \[2, 2\]"):
         weight_dequant(torch.zeros(192, 256).to(torch.float8_e4m3fn), torch.ones(3, 2),
                        name="q_b_proj.weight")
+
+
+def quant_oracle(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per 128x128 block with loops: s = amax / 448 in float32 (1 for all-zero), q = e4m3(w / s)."""
+    s = np.ones((-(-w.shape[0] // B), -(-w.shape[1] // B)), np.float32)
+    q = np.zeros(w.shape, FP8)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = w[i * B:(i + 1) * B, j * B:(j + 1) * B]
+            amax = np.float32(np.abs(blk).max())
+            s[i, j] = amax / np.float32(448) if amax > 0 else np.float32(1)
+            q[i * B:(i + 1) * B, j * B:(j + 1) * B] = (blk / s[i, j]).astype(FP8)
+    return q.view(np.uint8), s
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (576, 300), (192, 130), (5, 7)])
+def test_weight_quant_bit_identical(shape):
+    rng = np.random.default_rng(shape[1])
+    w = wide(shape, rng)
+    w[:128, :128] = 0.0  # an all-zero block: scale 1
+    q, s = weight_quant(torch.from_numpy(w))
+    q_want, s_want = quant_oracle(w)
+    np.testing.assert_array_equal(s.numpy(), s_want)
+    np.testing.assert_array_equal(bits(q), q_want)
+    with pytest.raises(EdgeDSError, match="non-finite"):
+        weight_quant(torch.tensor([[1.0, float("nan")]]), name="w")
 
 
 # --- the block GEMM -----------------------------------------------------------------------

@@ -17,7 +17,6 @@ tokens' own array type, e.g. MLX's in edge-ds's generation loop).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,79 +136,6 @@ class TorchCache:
         raise EdgeDSError("prompt cache files are written by the MLX backend only")
 
 
-def _to_torch(a: np.ndarray) -> "torch.Tensor":
-    """A checkpoint array (numpy, ml_dtypes for BF16/FP8) as a torch tensor of the same dtype."""
-    import torch
-
-    name = a.dtype.name
-    a = np.ascontiguousarray(a)
-    if name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    if name == "float8_e4m3fn":
-        return torch.from_numpy(a.view(np.uint8)).view(torch.float8_e4m3fn)
-    return torch.from_numpy(a)
-
-
-class _Tensors:
-    """A checkpoint's tensors as torch tensors, by name: edge-ds's reader (it checks headers and
-    shards, and resolves names through model.safetensors.index.json) where ml_dtypes is
-    installed, else safetensors' own torch reader (a GPU image may have torch but no ml_dtypes)."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        try:
-            from ..checkpoint import Checkpoint  # needs ml_dtypes
-        except ImportError:
-            Checkpoint = None
-        if Checkpoint is not None:
-            self._ckpt = Checkpoint(directory)
-            self._names = set(self._ckpt.names())
-            return
-        from safetensors import safe_open
-
-        self._ckpt = None
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise EdgeDSError(f"{index}: not a valid safetensors index ({e})") from None
-            files = sorted({directory / Path(f).name for f in weight_map.values()})
-        else:
-            files = sorted(directory.glob("*.safetensors"))
-        if not files:
-            raise EdgeDSError(f"{directory}: no *.safetensors files")
-        self._where: dict[str, Any] = {}
-        for path in files:
-            if not path.is_file():
-                raise EdgeDSError(f"{index}: shard {path.name} is missing from {directory}")
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise EdgeDSError(f"{path}: not a readable safetensors file ({e})") from None
-            for name in handle.keys():
-                self._where[name] = handle
-        self._names = set(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._names
-
-    def read(self, name: str) -> "torch.Tensor":
-        if name not in self._names:
-            raise EdgeDSError(f"{self.directory}: tensor {name!r} is missing (the checkpoint does not match "
-                              "config.json)")
-        if self._ckpt is not None:
-            return _to_torch(self._ckpt.read(name))
-        return self._where[name].get_tensor(name)
-
-    def is_fp8(self, name: str) -> bool:
-        if name not in self._names:
-            return False
-        if self._ckpt is not None:
-            return str(self._ckpt.info(name).dtype) == "F8_E4M3"
-        return self._where[name].get_slice(name).get_dtype() == "F8_E4M3"
-
-
 def _no_init():
     """transformers' context that skips random initialisation (its module moved across 5.x)."""
     import contextlib
@@ -299,8 +225,9 @@ class TorchModel:
         from torch import nn
 
         from ..datacenter import FP8Experts, FP8Linear, weight_dequant
+        from ..datacenter.io import TorchCheckpoint
 
-        ckpt = _Tensors(directory)
+        ckpt = TorchCheckpoint(directory)
         state = model.state_dict()
         fp8 = self.gemm == "fp8"
         replaced: set[str] = set()  # module paths swapped for FP8 modules

@@ -93,6 +93,26 @@ def weight_dequant(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (weight.to(torch.float32) * _expand_scale(scale.to(torch.float32), *weight.shape)).to(dtype)
 
 
+def weight_quant(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (e4m3 [N, K], float32 scale_inv [ceil(N/128), ceil(K/128)]), the layout of
+    DeepSeek's FP8 checkpoints: per 128x128 block (ragged edges as they are) s = amax / 448 in
+    float32 (1 for an all-zero block), q = e4m3(w / s) rounded to nearest even."""
+    if w.dim() != 2:
+        raise EdgeDSError(f"{name}: only 2-D weights are FP8 blocks, got shape {list(w.shape)}")
+    w = w.to(torch.float32)
+    if not torch.isfinite(w).all():
+        raise EdgeDSError(f"{name}: has non-finite values; FP8 block scaling needs finite weights")
+    N, K = w.shape
+    nb, kb = _blocks(N), _blocks(K)
+    padded = torch.zeros(nb * BLOCK, kb * BLOCK, dtype=torch.float32, device=w.device)
+    padded[:N, :K] = w  # zero padding leaves every block's amax as it is
+    blocks = padded.view(nb, BLOCK, kb, BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3))
+    s = torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)
+    q = (blocks / s[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.view(nb * BLOCK, kb * BLOCK)[:N, :K].contiguous(), s
+
+
 def fp8_gemm_emulated(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """qa e4m3 [M, K], sa float32 [M, ceil(K/128)], qw e4m3 [N, K], sw float32 [ceil(N/128), ceil(K/128)]
