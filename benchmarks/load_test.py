@@ -2,7 +2,7 @@
 valid, streaming, malformed and oversized requests, beside connections that stall mid-request.
 
     python benchmarks/load_test.py --clients 256 --stalled 1000            # one run of this checkout
-    python benchmarks/load_test.py --matrix --compare-ref 081fbe2          # the README table, before/after
+    python benchmarks/load_test.py --matrix --compare-ref 081fbe2 --ref HEAD   # the README table, before/after
 
 Each run starts a fresh `edge-ds serve --port 0` (this checkout, or a git worktree of --compare-ref),
 then:
@@ -103,11 +103,11 @@ def raise_open_files() -> int:
 class ServerProcess:
     """`edge-ds serve --port 0` from a checkout (its own edge_ds first on the path), until stop()."""
 
-    def __init__(self, checkout: Path):
+    def __init__(self, checkout: Path, extra: list[str]):
         self.checkout = checkout
         env = dict(os.environ, PYTHONPATH=str(checkout), NO_PROXY="*", PYTHONUNBUFFERED="1")
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_ds.cli", "serve", "--port", "0"], cwd=checkout,
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge_ds.cli", "serve", "--port", "0", *extra], cwd=checkout,
                                      env=env, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.port = self._wait_ready()
 
@@ -279,8 +279,8 @@ class Result:
 
 
 def run_load(checkout: Path, label: str, clients: int, stalled: int, requests: int, duration: float,
-             seed: int) -> Result:
-    server = ServerProcess(checkout)
+             seed: int, extra: list[str]) -> Result:
+    server = ServerProcess(checkout, extra)
     res = Result(label, clients, stalled)
     stop = threading.Event()
     samples: list[dict[str, int]] = []
@@ -410,20 +410,25 @@ def main() -> None:
     ap.add_argument("--matrix", action="store_true",
                     help="the README table: " + ", ".join(f"{c} clients + {s} stalled" for c, s in MATRIX))
     ap.add_argument("--compare-ref", metavar="REF", help="also run the server of this git commit (a worktree)")
+    ap.add_argument("--ref", metavar="REF", help="run this git commit (a worktree) instead of the working tree")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="an `edge-ds serve` argument for the server under test (not the --compare-ref one), "
+                         "e.g. --serve-arg=--max-connections=1024")
     ap.add_argument("--out", type=Path, help="write every result as JSON here too")
     args = ap.parse_args()
 
     nofile = raise_open_files()
     print(f"open-file limit (soft) raised to {nofile}", file=sys.stderr)
-    servers = [(f"before ({args.compare_ref})", worktree(args.compare_ref))] if args.compare_ref else []
-    servers.append(("after" if args.compare_ref else "this checkout", ROOT))
+    servers = [(f"before ({args.compare_ref})", worktree(args.compare_ref), [])] if args.compare_ref else []
+    label = ("after" if args.compare_ref else "this checkout") + (f" ({args.ref})" if args.ref else "")
+    servers.append((" ".join([label, *args.serve_arg]), worktree(args.ref) if args.ref else ROOT, args.serve_arg))
     scenarios = MATRIX if args.matrix else [(args.clients, args.stalled)]
     results = []
     print(HEADER)
     print("|" + "---|" * HEADER.count(" | ") + "---|")
     for clients, stalled in scenarios:
-        for label, checkout in servers:
-            r = run_load(checkout, label, clients, stalled, args.requests, args.duration, args.seed)
+        for label, checkout, extra in servers:
+            r = run_load(checkout, label, clients, stalled, args.requests, args.duration, args.seed, extra)
             results.append(r)
             print(row(r), flush=True)
     if args.out:

@@ -62,7 +62,8 @@ class Limits:
 
     # Open connections served (reading, handled or idle between keep-alive requests). Past it, up to
     # `overflow_connections` more are accepted only to be answered (503 with Retry-After, or /health)
-    # and closed; past that, a connection is answered 503 without reading its request and closed at once.
+    # and closed; past that, the server stops accepting until one closes, and new connections wait
+    # in the kernel's listen backlog (then its SYN retries): late, never reset by us.
     max_connections: int = 2048
     overflow_connections: int = 256
     # Generation requests queued or running; past it, 429 with Retry-After. A local model answers one
@@ -728,22 +729,22 @@ class Server(HTTPServer):
     # --- serving ---
 
     def serve_forever(self, poll_interval: float = _TICK) -> None:
-        """Runs the connection loop until shutdown() (from another thread) or KeyboardInterrupt."""
-        self._stop.clear()
+        """Runs the connection loop until shutdown() (from another thread) or KeyboardInterrupt.
+        A server that was shut down stays so (this returns at once)."""
         self._stopped.clear()
         self._serving = True
-        self.socket.setblocking(False)
         sel = self._selector = selectors.DefaultSelector()
-        sel.register(self.socket, selectors.EVENT_READ, "accept")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         accept_paused_until = 0.0
         swept = 0.0
         try:
+            self.socket.setblocking(False)
+            sel.register(self.socket, selectors.EVENT_READ, "accept")
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
             while not self._stop.is_set():
                 for key, _ in sel.select(min(poll_interval, _TICK)):
                     if key.data == "accept":
-                        if self._accept():
-                            sel.unregister(self.socket)  # out of descriptors: let some close first
+                        if self._accept():  # full, or out of descriptors: let some close first
+                            sel.unregister(self.socket)
                             accept_paused_until = time.monotonic() + _TICK
                     elif key.data == "wake":
                         try:
@@ -778,6 +779,8 @@ class Server(HTTPServer):
 
     def start(self) -> threading.Thread:
         """Serves on a background thread (for apps that embed the server)."""
+        self._stopped.clear()  # serving from now on: a close() right after this waits for the thread
+        self._serving = True
         self._thread = threading.Thread(target=self.serve_forever, name="edge-ds-http", daemon=True)
         self._thread.start()
         return self._thread
@@ -818,9 +821,12 @@ class Server(HTTPServer):
                 self._drop(conn)
 
     def _accept(self) -> bool:
-        """Accepts waiting connections; True when out of descriptors (accepting must pause)."""
+        """Accepts waiting connections; True when every bound is full or descriptors ran out (accepting
+        must pause: closing a connection unread would reset it)."""
         now = time.monotonic()
         for _ in range(_ACCEPTS_PER_WAKE):
+            if len(self._conns) >= self.max_connections and len(self._over) >= self.overflow_connections:
+                return True
             try:
                 sock, address = self.socket.accept()
             except (BlockingIOError, InterruptedError):
@@ -838,20 +844,13 @@ class Server(HTTPServer):
                 conn = _Conn(sock, address, now + self.limits.request_timeout, over=False)
                 self._conns.add(conn)
                 self._full_said = False
-            elif len(self._over) < self.overflow_connections:
+            else:
                 # Read its request line (briefly) to answer /health, and 503 to anything else.
                 conn = _Conn(sock, address, now + self.limits.linger, over=True)
                 self._over.add(conn)
                 if not self._full_said and not self.quiet:
                     self._log(f"{self.max_connections} connections open (the limit): answering 503 to more")
                     self._full_said = True
-            else:  # past every bound: say why, and close without waiting for the request
-                try:
-                    sock.send(_response(503, self._full().body(), _retry_headers(self._full()), close=True))
-                except OSError:
-                    pass
-                sock.close()
-                continue
             self._selector.register(sock, selectors.EVENT_READ, conn)
         return False
 
@@ -1060,8 +1059,11 @@ class Server(HTTPServer):
         except OSError:  # the client left before the handler could start
             pass
         finally:
-            self._returned.put((conn, keep))
-            self._wake()
+            if self._stopped.is_set():  # the loop has ended: nobody would take it back
+                conn.sock.close()
+            else:
+                self._returned.put((conn, keep))
+                self._wake()
 
 
 def make_server(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,

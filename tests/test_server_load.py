@@ -108,6 +108,25 @@ def test_connections_past_the_limit_are_answered_503_with_retry_after_not_reset(
                    "a request once the held connections closed")
 
 
+def test_past_every_bound_connections_wait_their_turn_and_are_answered_not_reset(lm):
+    """More connections than max_connections + overflow_connections: the rest wait in the listen
+    backlog until a slot frees, then are answered."""
+    answers: list = []
+    with serving(lm, max_connections=2, overflow_connections=1, request_timeout=60, linger=0.2) as srv:
+        held = stalled(srv, 2, b"GET /v1/mod")
+        try:
+            asking = [threading.Thread(target=lambda: answers.append(ask(srv, "GET", "/v1/models")[0]))
+                      for _ in range(6)]
+            for t in asking:
+                t.start()
+            for t in asking:
+                t.join(WAIT)
+        finally:
+            for s in held:
+                s.close()
+    assert answers == [503] * 6
+
+
 @pytest.mark.parametrize("data", [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le",
                                   b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
                                   b'{"prompt": "In the'])
