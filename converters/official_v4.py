@@ -327,10 +327,9 @@ class V4Source(Source):
 
 
 def keeps_float32(name: str) -> bool:
-    """V4 tensors the converter keeps in float32 whatever --dtype says, as transformers does:
-    the hyper-connection mixers, attention sinks, compressor position biases, norms and the
-    router's correction bias."""
+    """V4 tensors the converter writes in float32 whatever --dtype says, as transformers keeps them:
+    those the runtime computes with in float32 (layout.keeps_float32: hyper-connection mixers,
+    attention sinks, pooling biases, the router's correction bias) and the norms' weights."""
     leaf = name.rsplit(".", 2)
-    return (".attn_hc." in name or ".ffn_hc." in name or ".hc_head." in name or name.endswith(
-        (".sinks", ".position_bias", "e_score_correction_bias")) or (len(leaf) > 2 and "norm" in leaf[-2]))
+    return layout.keeps_float32(name) or (len(leaf) > 2 and "norm" in leaf[-2])
 

@@ -172,7 +172,8 @@ def expert_options(f):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="bfloat16",
               show_default=True, help="Type of unquantized weights and of scales.")
 def convert(src, dst, quant, group_size, dtype):
-    """Convert a Hugging Face checkpoint (BF16 or FP8) in SRC to an MLX model in DST."""
+    """Convert a Hugging Face or DeepSeek-V4 release checkpoint (BF16, FP8, FP4 experts) in SRC to an MLX
+    model in DST."""
     from converters.mlx import convert as run
 
     with progress_bar("converting") as progress:
@@ -356,7 +357,11 @@ def info(model_dir, as_json):
         ("parameters", f"{facts['total_params'] / 1e6:,.1f}M total, {facts['active_params'] / 1e6:,.1f}M active"),
         ("weights", f"{facts['bits_per_weight']} bits/weight"
                     + (f" ({q.get('mode', 'symmetric')} {q['bits']}-bit, group "
-                       f"{q.get('group_size', q.get('block_size'))})" if q else " (unquantized)")),
+                       f"{q.get('group_size', q.get('block_size'))})" if q else " (unquantized)")
+                    + (f", routed experts {facts['expert_quantization']['mode']} "
+                       f"{facts['expert_quantization']['bits']}-bit" if q and facts.get("expert_quantization")
+                       and (facts["expert_quantization"]["mode"], facts["expert_quantization"]["bits"])
+                       != (q.get("mode", "affine"), q["bits"]) else "")),
         ("size on disk", f"{facts['size_on_disk_bytes'] / 1e6:,.1f} MB"),
         ("cache", f"{facts['cache_bytes_per_token']:,} bytes/token ({facts['cache_dtype']}); "
                   + ", ".join(f"{_tokens(n)}: {_bytes(b)}" for n, b in facts["cache_bytes_at"].items())),

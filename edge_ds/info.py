@@ -49,6 +49,10 @@ def model_info(directory: str | Path) -> dict:
         "routed_expert_params": routed,
         "bits_per_weight": round(weight_bytes * 8 / max(total, 1), 3),
         "quantization": quantization,
+        # A converted DeepSeek-V4 release keeps its FP4 experts as mxfp4 whatever the rest got.
+        "expert_quantization": layout.quantization_for(cfg, layout.stacked_name(cfg.moe_layers[0], "gate_proj")
+                                                       .removesuffix(".weight")) if cfg.moe_layers and
+                               isinstance(quantization, dict) and "group_size" in quantization else None,
         "size_on_disk_bytes": size,
         # The long-context average: exact for a latent cache (linear); V4's window and open windows
         # weigh nothing at 1M tokens.
