@@ -120,14 +120,24 @@ def fp8_gemm_emulated(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: 
     summed over j in float32 (DeepSeek's fp8_gemm_kernel, one K block at a time)."""
     M, K = qa.shape
     N = qw.shape[0]
+    kt = _blocks(K)
     a = qa.to(torch.float32)  # e4m3 -> float32 is exact
     w = qw.to(torch.float32)
+    if kt * BLOCK != K:  # zero columns add nothing to any block's sum
+        a = nn.functional.pad(a, (0, kt * BLOCK - K))
+        w = nn.functional.pad(w, (0, kt * BLOCK - K))
     sw_rows = sw.to(torch.float32).repeat_interleave(BLOCK, 0)[:N]  # [N, K blocks]
     out = torch.zeros(M, N, dtype=torch.float32, device=qa.device)
-    for j in range(_blocks(K)):
-        k = slice(j * BLOCK, min((j + 1) * BLOCK, K))
-        part = a[:, k] @ w[:, k].T  # float32 accumulation inside the block
-        out += part * sa[:, j : j + 1] * sw_rows[:, j]
+    # All blocks in one batched matmul when the [blocks, M, N] partial sums are small (many
+    # small matmuls are slow on a CPU), else one block at a time; either way each block's sum
+    # is float32, scaled, then added to the float32 total in block order.
+    step = max(1, min(kt, (1 << 24) // max(1, M * N)))
+    for j0 in range(0, kt, step):
+        j1 = min(kt, j0 + step)
+        parts = torch.bmm(a[:, j0 * BLOCK:j1 * BLOCK].reshape(M, j1 - j0, BLOCK).transpose(0, 1),
+                          w[:, j0 * BLOCK:j1 * BLOCK].reshape(N, j1 - j0, BLOCK).permute(1, 2, 0))  # [blocks, M, N]
+        for j in range(j0, j1):
+            out += parts[j - j0] * sa[:, j : j + 1] * sw_rows[:, j]
     return out.to(out_dtype)
 
 
