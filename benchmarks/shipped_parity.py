@@ -8,6 +8,8 @@ exactly (mx.dequantize) into a float32 Hugging Face checkpoint ("float-of-4bit")
 in DeepSeek's FP8 layout by edge_ds.datacenter.write_fp8_checkpoint ("fp8-of-4bit"). So:
   - torch float32 on float-of-4bit against the MLX 4-bit build: the same weights on two
     runtimes (transformers' modules against edge-ds's MLX model): only arithmetic differs;
+  - the ONNX export of float-of-4bit (4-bit, block 32, int8 activations: `edge-ds export-onnx`
+    defaults) re-quantizes the 4-bit values to another grid;
   - the FP8 reference against the MLX 4-bit build: FP8 numerics (e4m3 weights re-rounded from
     the 4-bit values, e4m3 activations) against the 4-bit runtime, NOT the 4-bit quantization
     loss of the trained model (that needs the float weights: README, recipe).
@@ -96,12 +98,16 @@ def main() -> None:
     t0 = time.perf_counter()
     float_dir = mlx_to_hf_float(shipped, work / "float-of-4bit")
     fp8_dir = write_fp8_checkpoint(float_dir, work / "fp8-of-4bit")
+    from converters.onnx import export_onnx
+
+    onnx_dir = Path(export_onnx(str(float_dir), str(work / "onnx-of-4bit"), progress=None))  # 4-bit, block 32
     built = time.perf_counter() - t0
     text = default_text_path().read_text(encoding="utf-8")
     t1 = time.perf_counter()
     ref = edge_ds.load(fp8_dir, backend="torch", device="cpu", gemm="fp8", dtype="bfloat16")
     cands = {
         f"mlx:{shipped}": edge_ds.load(shipped, backend="mlx"),
+        f"onnx:{onnx_dir}": edge_ds.load(onnx_dir, backend="onnx"),
         f"torch,dtype=float32:{float_dir}": edge_ds.load(float_dir, backend="torch", device="cpu", dtype="float32"),
         f"torch,gemm=bf16:{fp8_dir}": edge_ds.load(fp8_dir, backend="torch", device="cpu", gemm="bf16"),
     }

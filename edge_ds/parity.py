@@ -231,7 +231,7 @@ def format_table(report: ParityReport) -> str:
              "| candidate | backend | KL mean | KL max | top-1 agree | perplexity | gap | largest KL at |",
              "|---|---|---|---|---|---|---|---|"]
     for c in report.candidates:
-        lines.append(f"| {c.model} | {c.backend} | {c.kl_mean:.5f} | {c.kl_max:.4f} | {c.top1_agreement:.2%} | "
+        lines.append(f"| {c.model} | {c.backend} | {c.kl_mean:.3g} | {c.kl_max:.3g} | {c.top1_agreement:.2%} | "
                      f"{c.perplexity:.4f} | {c.perplexity_gap:+.2%} | window {c.worst_window}, "
                      f"position {c.worst_position} |")
     return "\n".join(lines)
