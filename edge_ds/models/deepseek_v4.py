@@ -15,7 +15,7 @@ from ..cache import PromptCache
 from ..config import DeepseekV4Config
 from ..errors import EdgeDSError
 from .compressor import Compressor, V4LayerCache
-from .layers import ExpertLinear, Linear
+from .layers import ExpertLinear, Linear, matmul
 from .moe import MLP, MoE, SwitchGLU
 from .rope import TailRoPE
 
@@ -77,13 +77,13 @@ class Attention(nn.Module):
                 mask = mx.concatenate([mx.broadcast_to(mask, (B, 1, L, S)), seen[:, None]], axis=-1)
         cache.offset += L
 
-        scores = (q @ rows.swapaxes(-1, -2)).astype(mx.float32) * self.scale + mask  # [B, H, L, S']
+        scores = matmul(q, rows.swapaxes(-1, -2)).astype(mx.float32) * self.scale + mask  # [B, H, L, S']
         sinks = mx.broadcast_to(self.sinks.astype(mx.float32)[None, :, None, None], (B, self.H, L, 1))
         probs = mx.softmax(mx.concatenate([scores, sinks], axis=-1), axis=-1, precise=True)[..., :-1]
-        out = probs.astype(rows.dtype) @ rows  # [B, H, L, hd]
+        out = matmul(probs.astype(rows.dtype), rows)  # [B, H, L, hd]
         out = self.rope(out, positions, inverse=True)  # values carried their keys' rotation
-        groups = out.swapaxes(1, 2).reshape(B, L, self.G, 1, -1)  # [B, L, G, 1, H*hd/G]
-        y = self.o_a_proj(groups, mx.arange(self.G)).reshape(B, L, -1)  # [B, L, G*o_lora]
+        groups = out.swapaxes(1, 2).reshape(B * L, self.G, -1).swapaxes(0, 1)  # [G, B*L, H*hd/G]
+        y = self.o_a_proj.each_expert(groups).swapaxes(0, 1).reshape(B, L, -1)  # [B, L, G*o_lora]
         return self.o_b_proj(y)
 
 
@@ -102,7 +102,7 @@ class HyperConnection(nn.Module):
 
     def __call__(self, h: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         B, L, n, D = h.shape
-        mixes = rms(h.reshape(B, L, n * D), self.norm_eps) @ self.fn.astype(mx.float32).T  # [B, L, (2+n)n]
+        mixes = matmul(rms(h.reshape(B, L, n * D), self.norm_eps), self.fn.astype(mx.float32).T)  # [B, L, (2+n)n]
         base, scale = self.base.astype(mx.float32), self.scale.astype(mx.float32)
         pre = mx.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + self.eps
         post = 2 * mx.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
@@ -135,7 +135,7 @@ class HyperHead(nn.Module):
 
     def __call__(self, h: mx.array) -> mx.array:
         B, L, n, D = h.shape
-        mixes = rms(h.reshape(B, L, n * D), self.norm_eps) @ self.hc_fn.astype(mx.float32).T  # [B, L, n]
+        mixes = matmul(rms(h.reshape(B, L, n * D), self.norm_eps), self.hc_fn.astype(mx.float32).T)  # [B, L, n]
         pre = mx.sigmoid(mixes * self.hc_scale.astype(mx.float32) + self.hc_base.astype(mx.float32)) + self.eps
         return (pre[..., None] * h).sum(axis=2).astype(h.dtype)
 
@@ -161,7 +161,7 @@ class Router(nn.Module):
         object.__setattr__(self, "tokens", tokens)
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T  # [N, E]
+        logits = matmul(x.astype(mx.float32), self.weight.astype(mx.float32).T)  # [N, E]
         if self.scoring == "sqrtsoftplus":
             scores = mx.sqrt(nn.softplus(logits))
         elif self.scoring == "sigmoid":

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from .layers import Linear
+from .layers import Linear, matmul
 from .rope import RoPE
 
 
@@ -33,7 +33,7 @@ def index_scores(q: mx.array, weights: mx.array, keys: mx.array) -> mx.array:
     # Prefill: one head at a time, so memory is [B, L, T] and not H times that.
     total = None
     for h in range(q.shape[1]):
-        part = mx.maximum(q[:, h] @ keys[:, 0].swapaxes(-1, -2), 0) * weights[..., h:h + 1]  # [B, L, T]
+        part = mx.maximum(matmul(q[:, h], keys[:, 0].swapaxes(-1, -2)), 0) * weights[..., h:h + 1]  # [B, L, T]
         total = part if total is None else total + part
     return total
 

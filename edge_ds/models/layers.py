@@ -75,6 +75,11 @@ class ExpertLinear(nn.Module):
         """x [n, in] times expert e's weight -> [n, out] (CPU prefill: moe.py)."""
         return matmul(x, self["weight"][e].astype(x.dtype).T)
 
+    def each_expert(self, x: mx.array) -> mx.array:
+        """Every expert on its own rows: x [E, n, in] -> [E, n, out] (DeepSeek-V4's grouped output
+        projection: its head groups are the "experts")."""
+        return matmul(x, self["weight"].astype(x.dtype).swapaxes(-1, -2))
+
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine") -> "QuantizedExpertLinear":
         return QuantizedExpertLinear(group_size, bits, mode).set_weight(self.weight)
 
@@ -83,6 +88,12 @@ class QuantizedExpertLinear(_Quantized):
     def expert_matmul(self, x: mx.array, e: int) -> mx.array:
         """x [n, in] times expert e's weight unpacked to float -> [n, out] (CPU prefill: moe.py)."""
         return dense_matmul(x, self, expert=e)
+
+    def each_expert(self, x: mx.array) -> mx.array:
+        """Every expert on its own rows: x [E, n, in] -> [E, n, out]."""
+        if dense_prefill(x.shape[1]):
+            return dense_matmul(x, self)
+        return self(x[:, :, None], mx.arange(x.shape[0])[:, None]).squeeze(-2)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
