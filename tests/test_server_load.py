@@ -253,3 +253,23 @@ def test_a_generation_is_answered_on_a_descriptor_past_1023(lm):
         for fd in fds:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_loop_frames_requests_as_http_does(lm):
+    """What the loop answers before a handler sees the request: 100 Continue, 431, conflicting lengths."""
+    with serving(lm, max_header_bytes=1024) as srv:
+        with socket.create_connection(("127.0.0.1", srv.server_port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(COMPLETION))
+            assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"  # curl waits for it before a large body
+            sock.sendall(COMPLETION)
+            assert b'"text_completion"' in read_to_end(sock)
+        for head, status in ((b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"a" * 2000 + b"\r\n\r\n", b"431"),
+                             (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",
+                              b"400")):
+            with socket.create_connection(("127.0.0.1", srv.server_port), timeout=WAIT) as sock:
+                sock.sendall(head)
+                answer = read_to_end(sock)
+            assert answer.startswith(b"HTTP/1.1 " + status + b" ") and b"Connection: close" in answer, answer
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"] in (
+                "request headers over the limit of 1024 bytes", "conflicting Content-Length headers")
