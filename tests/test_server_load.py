@@ -132,15 +132,15 @@ def test_past_every_bound_connections_wait_their_turn_and_are_answered_not_reset
                                   b'{"prompt": "In the'])
 def test_a_stalled_request_is_answered_408_and_closed(lm, data):
     with serving(lm, request_timeout=0.5) as srv:
+        start = time.monotonic()  # before connecting: the server's read time starts at its accept, after this
         (sock,) = stalled(srv, 1, data)
         with sock:
-            start = time.monotonic()
             answer = read_to_end(sock)  # returns only when the server closes the connection
             took = time.monotonic() - start
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head, answer
         assert json.loads(body)["error"]["message"] == "the request was not received in 0.5 s"
-        assert 0.3 < took < WAIT
+        assert 0.5 <= took < WAIT  # not before its time
         assert ask(srv, "GET", "/v1/models")[0] == 200  # the server goes on
 
 
