@@ -122,6 +122,67 @@ def test_api_load_and_generate(tiny, tmp_path):
         edge_ds.load(model_dir, backend="mlx", device="cpu")
 
 
+@pytest.mark.parametrize("kind,overrides", [
+    ("v2lite", dict(norm_topk_prob=True)),  # transformers' V2 router never renormalises
+    ("v2grouped", dict(norm_topk_prob=True)),
+    ("v3", dict(scoring_func="softmax")),  # its V3 router: always a sigmoid
+])
+def test_router_follows_config_where_transformers_does_not(tmp_path, kind, overrides):
+    """The oracle here is edge-ds's MLX model (it follows every routing field of config.json) on
+    the same float32 weights; transformers itself visibly differs, so the fix is exercised."""
+    from converters.mlx import convert
+
+    model = condition(make_hf_model(kind, seed=7, **overrides))
+    d = save_hf(model, tmp_path / "hf")
+    lm = torch_backend.load(d, device="cpu", gemm="bf16", dtype="float32")
+    assert lm.router_fix
+    from edge_ds.backends import mlx as mlx_backend
+
+    mlx_dir = convert(str(d), str(tmp_path / "mlx"), quant="none", dtype="float32")
+    import mlx.core as mx
+
+    mlx_model = mlx_backend.load(Path(mlx_dir))
+    want = np.array(mlx_model(mx.array(TOKENS.astype(np.int32))).astype(mx.float32))
+    got = lm(TOKENS)
+    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(hf_logits(model, TOKENS) - want).max() > 1e-3
+
+
+def test_cli_generate_bench_perplexity_on_torch(tmp_path):
+    """--backend torch with --device/--gemm/--act-dtype on generate, bench and perplexity; the
+    perplexity equals the one computed here from the transformers oracle's logits."""
+    from click.testing import CliRunner
+
+    from edge_ds.cli import main as cli
+    from edge_ds.tokenizer import Tokenizer
+
+    model = condition(make_hf_model("v3", seed=9, vocab_size=4096))
+    d = save_hf(model, tmp_path / "hf")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(ROOT / "Package.resources" / "edge-ds-tiny" / name, d / name)
+    opts = ["--model", str(d), "--backend", "torch", "--device", "cpu", "--gemm", "bf16", "--act-dtype", "float32"]
+    r = CliRunner().invoke(cli, ["generate", *opts, "--prompt", "In the beginning", "-m", "4", "--no-chat-template"])
+    assert r.exit_code == 0, r.output
+    assert "Backend: torch (asked for), torch" in r.stderr
+    r = CliRunner().invoke(cli, ["bench", *opts, "-p", "8", "-g", "4", "-n", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["generation_tps"] > 0
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 4, encoding="utf-8")
+    r = CliRunner().invoke(cli, ["perplexity", *opts, "--file", str(text), "--window", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    ids = Tokenizer.load(d).encode(text.read_text(encoding="utf-8"))
+    nll, n = 0.0, 0
+    for i in range(0, len(ids) - 1, 16):
+        w = np.array([ids[i:i + 17]])
+        lp = torch.log_softmax(torch.from_numpy(hf_logits(model, w[:, :-1])).double(), -1)
+        nll -= float(lp.gather(-1, torch.from_numpy(w[:, 1:, None])).sum())
+        n += w.shape[1] - 1
+    assert json.loads(r.stdout)["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    r = CliRunner().invoke(cli, ["generate", "--model", str(d), "--gemm", "fp8", "--prompt", "x"])
+    assert r.exit_code == 1 and "--gemm is not an option of the mlx backend" in r.stderr
+
+
 def test_errors_name_the_file_or_field(tiny, tmp_path):
     _, d = tiny("v3")
     bad = tmp_path / "missing_tensor"

@@ -148,6 +148,56 @@ def _no_init():
     return contextlib.nullcontext()
 
 
+def router_fix_needed(cfg: ModelConfig) -> str | None:
+    """Why transformers' router would not compute what config.json says (None: it would).
+    Its V2 router never renormalises (norm_topk_prob); its V3 router always scores with a
+    sigmoid, adds the correction bias and limits groups (scoring_func, topk_method)."""
+    if cfg.model_type == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+        return "norm_topk_prob"
+    if cfg.model_type != "deepseek_v2" and (cfg.scoring_func != "sigmoid" or cfg.topk_method != "noaux_tc"):
+        return f"scoring_func {cfg.scoring_func}, topk_method {cfg.topk_method}"
+    return None
+
+
+def _config_router(cfg: ModelConfig, has_bias: bool) -> Any:
+    """DeepSeek's gate as config.json describes it, with transformers' router's call:
+    hidden [..., H] -> (router logits [N, E], weights [N, k], expert indices [N, k]). Scores in
+    float32: softmax or sigmoid; greedy, group_limited_greedy (group score = best expert) or
+    noaux_tc (choice = score + correction bias, group score = sum of the top two); unchosen
+    groups excluded; weights from the scores, renormalised if norm_topk_prob, times
+    routed_scaling_factor (as edge_ds/models/moe.py)."""
+    import torch
+    from torch import nn
+
+    class ConfigRouter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+            if has_bias:
+                self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+        def forward(self, hidden: torch.Tensor):
+            logits = nn.functional.linear(hidden.reshape(-1, cfg.hidden_size).float(), self.weight.float())
+            scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+            choice = scores
+            if cfg.topk_method == "noaux_tc" and has_bias:
+                choice = scores + self.e_score_correction_bias.float()
+            if cfg.topk_method != "greedy" and cfg.n_group > 1:
+                grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+                group_scores = (grouped.topk(2, dim=-1)[0].sum(-1) if cfg.topk_method == "noaux_tc"
+                                else grouped.amax(-1))
+                keep = torch.zeros_like(group_scores, dtype=torch.bool)
+                keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1)[1], True)
+                choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, cfg.n_routed_experts)
+            indices = choice.topk(cfg.num_experts_per_tok, dim=-1)[1]
+            weights = scores.gather(1, indices)
+            if cfg.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return logits, weights * cfg.routed_scaling_factor, indices
+
+    return ConfigRouter()
+
+
 def _hf_config(raw: dict, source: Path) -> Any:
     """transformers' config object for a checkpoint's config.json (no remote code)."""
     import transformers
@@ -213,6 +263,14 @@ class TorchModel:
                 model = cls(hf_cfg)
         finally:
             torch.set_default_dtype(previous)
+        # Where transformers' router ignores a config field, DeepSeek's gate as the config says.
+        self.router_fix = router_fix_needed(self.config)
+        if self.router_fix:
+            for name, module in list(model.named_modules()):
+                if name.endswith(".mlp.gate") and hasattr(module, "weight"):
+                    with torch.device(device):
+                        router = _config_router(self.config, hasattr(module, "e_score_correction_bias"))
+                    self._swap(model, name, router)
         self.fp8_layers = self._load_weights(model, directory, torch.device(device))
         self.model = model.eval()
         self.device = self._describe()
