@@ -434,6 +434,15 @@ def _config_seeds() -> list[dict]:
     del rope["rope_scaling"], rope["rope_theta"]
     seeds.append(rope)
     seeds.append(dict(STYLES["v32"], quantization={"group_size": 64, "bits": 4, "mode": "affine"}))
+    from tests.tiny_v4 import STYLES as V4_STYLES
+
+    seeds += [dict(s, model_type="deepseek_v4") for s in V4_STYLES.values()]
+    legacy = dict(V4_STYLES["a"], model_type="deepseek_v4", compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=2,
+                  compress_rate_csa=4, compress_rate_hca=128, qk_rope_head_dim=8, expert_dtype="fp4",
+                  rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 64})
+    for k in ("layer_types", "compress_rates", "partial_rotary_factor", "rope_parameters"):
+        legacy.pop(k)
+    seeds.append(legacy)
     return seeds
 
 
@@ -446,7 +455,10 @@ class ConfigTarget(Target):
         super().__init__(workdir)
         self.seeds = _config_seeds()
         self.keys = sorted({k for s in self.seeds for k in s} | {"factor", "type", "rope_type", "mscale",
-                                                                 "mscale_all_dim", "group_size", "bits", "mode"})
+                                                                 "mscale_all_dim", "group_size", "bits", "mode",
+                                                                 "main", "compress", "rope_theta",
+                                                                 "compressed_sparse_attention",
+                                                                 "heavily_compressed_attention"})
 
     def make(self, mut: Mutator) -> None:
         data = mut.json_file(mut.pick(self.seeds), self.keys)
@@ -455,7 +467,8 @@ class ConfigTarget(Target):
 
     def parse(self) -> None:
         cfg = ModelConfig.load(self.dir)
-        (cfg.qk_head_dim, cfg.latent_dim, cfg.cache_row_dim, cfg.softmax_scale, cfg.moe_layers)
+        (cfg.qk_head_dim, cfg.latent_dim, cfg.cache_row_dim, cfg.softmax_scale, cfg.moe_layers,
+         cfg.cache_bytes(4096, 2))
         json.dumps(cfg.to_dict())
         assert ModelConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict() or _has_nan(cfg.to_dict())
 

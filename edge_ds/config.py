@@ -402,7 +402,9 @@ class DeepseekV4Config(ModelConfig):
         factor = opt("partial_rotary_factor", None, float)
         if factor is None:
             legacy_rope = opt("qk_rope_head_dim", None)
-            factor = legacy_rope / head_dim if legacy_rope is not None and head_dim else 64 / 512
+            factor = legacy_rope / head_dim if legacy_rope is not None and head_dim > 0 else 64 / 512
+        if not 0 < factor <= 1:
+            raise EdgeDSError(f"{source}: field 'partial_rotary_factor' must be in (0, 1], got {brief(factor)}")
         rope = int(head_dim * factor)
         (main_theta, main_scaling), (compress_theta, compress_scaling) = _v4_rope(f)
         if opt("hidden_act", "silu", str) != "silu":
@@ -518,8 +520,8 @@ class DeepseekV4Config(ModelConfig):
             out["expert_dtype"] = self.expert_dtype
         part = {"partial_rotary_factor": out["partial_rotary_factor"]}
         out["rope_parameters"] = {
-            "main": {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta, **part},
-            "compress": {"rope_type": "default", **(self.compress_rope_scaling or {}),
+            "main": {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta, **part},
+            "compress": {**(self.compress_rope_scaling or {"rope_type": "default"}),
                          "rope_theta": self.compress_rope_theta, **part}}
         return out
 
@@ -533,7 +535,7 @@ def _legacy_layer_types(f: Fields, n: int, rates: dict) -> list[str]:
     by_rate = {0: "sliding_attention", rates[CSA]: CSA, rates[HCA]: HCA}
     out = []
     for i, r in enumerate(ratios[:n]):
-        if isinstance(r, bool) or r not in by_rate:
+        if not isinstance(r, int) or isinstance(r, bool) or r not in by_rate:
             raise EdgeDSError(f"{f.source}: field 'compress_ratios[{i}]' is {brief(r)}; expected 0, "
                               f"{rates[CSA]} (CSA) or {rates[HCA]} (HCA)")
         out.append(by_rate[r])

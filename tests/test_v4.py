@@ -280,3 +280,56 @@ def test_prompt_cache_saves_and_restores(v4, tmp_path):
     latent.save(tmp_path / "latent.safetensors")
     with pytest.raises(EdgeDSError, match="does not fit this model's cache"):
         model.make_cache().restore(tmp_path / "latent.safetensors")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"layer_types": ["sliding_attention", "linear_attention", "sliding_attention", "sliding_attention"]},
+     r"field 'layer_types\[1\]' is 'linear_attention'"),
+    ({"layer_types": ["sliding_attention"] * 3}, "field 'layer_types' has 3 entries for 4 layers"),
+    ({"mlp_layer_types": ["moe", "dense", "moe", "moe"]}, r"field 'mlp_layer_types\[1\]'"),
+    ({"compress_rates": {"compressed_sparse_attention": 0}}, "compress_rates.compressed_sparse_attention' must be positive"),
+    ({"compress_rates": {"sparse": 4}}, "field 'compress_rates' has unknown layer type 'sparse'"),
+    ({"num_key_value_heads": 2}, "field 'num_key_value_heads' must be 1"),
+    ({"o_groups": 3}, "field 'o_groups' \\(3\\) must divide num_attention_heads"),
+    ({"partial_rotary_factor": 1.5}, "field 'partial_rotary_factor' must be in"),
+    ({"scoring_func": "relu"}, "field 'scoring_func' must be one of"),
+    ({"hidden_act": "gelu"}, "field 'hidden_act' must be 'silu'"),
+    ({"q_lora_rank": None}, "missing field 'q_lora_rank'"),
+    ({"compress_ratios": [0, 4, 7, 4], "layer_types": None}, r"field 'compress_ratios\[2\]' is 7"),
+    ({"rope_parameters": {"main": {"rope_type": "longrope"}, "compress": {}}}, "rope_parameters.main.type"),
+])
+def test_config_errors_name_the_field(tmp_path, edit, message):
+    import json
+
+    from edge_ds.config import ModelConfig
+    from edge_ds.errors import EdgeDSError
+
+    d = dict(STYLES["a"], model_type="deepseek_v4", **edit)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(EdgeDSError, match=message) as e:
+        ModelConfig.load(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+def test_legacy_spellings_fold_in_as_transformers_folds_them():
+    """compress_ratios (one more entry for the MTP layer), compress_rate_*, num_hash_layers,
+    qk_rope_head_dim and a flat rope_scaling give what transformers' DeepseekV4Config makes of them."""
+    from transformers import DeepseekV4Config
+
+    from edge_ds.config import ModelConfig
+
+    legacy = {k: v for k, v in STYLES["a"].items() if k not in ("layer_types", "compress_rates", "rope_parameters",
+                                                               "partial_rotary_factor", "num_hash_layers")}
+    # transformers maps legacy ratios through a fixed {0, 4, 128} table, so those are the ones to compare.
+    legacy.update(compress_ratios=[0, 4, 128, 4, 4], compress_rate_csa=4, compress_rate_hca=128, num_hash_layers=2,
+                  qk_rope_head_dim=16, rope_scaling={"type": "yarn", "factor": 16,
+                                                     "original_max_position_embeddings": 64})
+    theirs = DeepseekV4Config(**legacy)
+    ours = ModelConfig.from_dict(dict(legacy, model_type="deepseek_v4"))
+    assert ours.layer_types == theirs.layer_types and ours.mlp_layer_types == theirs.mlp_layer_types
+    assert ours.compress_rates == theirs.compress_rates and ours.qk_rope_head_dim == theirs.qk_rope_head_dim
+    compress = theirs.rope_parameters["compress"]
+    assert ours.compress_rope_scaling["factor"] == compress["factor"] and compress["attention_factor"] == 1.0
+    assert ours.compress_rope_scaling["attention_factor"] == 1.0 and ours.rope_scaling is None
+    again = DeepseekV4Config(**{k: v for k, v in ours.to_dict().items() if k != "model_type"})
+    assert again.layer_types == theirs.layer_types and again.rope_parameters["compress"]["factor"] == 16
