@@ -232,6 +232,46 @@ def test_fp8_linear_against_oracle():
     assert (err <= 2.0**-8 * np.abs(want) + 140 * 2.0**-24 * mag).all()
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 256, 512), (7, 2048, 7168), (33, 576, 7168), (16, 208, 304)])  # 208, 304: ragged blocks
+def test_scaled_mm_arguments_pass_torchs_own_checks(M, N, K):
+    """The blockwise _scaled_mm call, made on meta tensors: torch's meta kernel checks layouts
+    (row-major activations, column-major weights) and the 1x128 x 128x128 scale shapes."""
+    from edge_ds.datacenter import fp8
+
+    meta = dict(device="meta")
+    out = fp8._scaled_mm(torch.empty(M, K, dtype=torch.float8_e4m3fn, **meta),
+                         torch.empty(M, -(-K // 128), **meta),
+                         torch.empty(N, K, dtype=torch.float8_e4m3fn, **meta),
+                         torch.empty(-(-N // 128), -(-K // 128), **meta))
+    assert out.shape == (M, N) and out.dtype == torch.bfloat16
+
+
+def test_kernel_choice_checks_the_gpu_kernel_first(monkeypatch):
+    """With a (faked) SM90 device: a kernel that agrees with the emulation serves the calls, one
+    that disagrees or raises is never used, and each weight shape says why."""
+    from edge_ds.datacenter import fp8
+
+    rng = np.random.default_rng(8)
+    qa, sa = act_quant(torch.from_numpy(wide((4, 256), rng)))
+    ws = {n: (to_torch_fp8(random_fp8((n, 256), rng)), torch.from_numpy(random_scales((-(-n // 128), 2), rng)))
+          for n in (128, 144, 160)}
+    behaviours = {128: lambda a, b, c, d: fp8_gemm_emulated(a, b, c, d),
+                  144: lambda a, b, c, d: fp8_gemm_emulated(a, b, c, d) * 1.01,
+                  160: lambda a, b, c, d: (_ for _ in ()).throw(RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED"))}
+    monkeypatch.setattr(fp8, "_sm90", lambda t: True)
+    monkeypatch.setattr(fp8, "_scaled_mm", lambda a, b, c, d: behaviours[c.shape[0]](a, b, c, d))
+    monkeypatch.setattr(fp8, "_SCALED_MM_OK", {})
+    monkeypatch.setattr(fp8, "KERNELS", fp8.Counter())
+    for n, (qw, sw) in ws.items():
+        for _ in range(2):
+            got = fp8_gemm(qa, sa, qw, sw)
+            assert torch.equal(got, fp8_gemm_emulated(qa, sa, qw, sw))
+    status = fp8.scaled_mm_status()
+    assert status["cpu [128x256]"] == "used" and status["cpu [144x256]"].startswith("disagrees")
+    assert status["cpu [160x256]"].startswith("unavailable (CUBLAS_STATUS_NOT_SUPPORTED")
+    assert fp8.KERNELS == {"scaled_mm_blockwise": 2, "emulated": 4}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine (CI has none)")
 def test_cuda_fp8_gemm_matches_cpu_emulation():
     rng = np.random.default_rng(6)
