@@ -56,7 +56,8 @@ def tiny(tmp_path_factory):
 
     def get(kind: str):
         if kind not in cache:
-            model = condition(make_hf_model("v3" if kind == "kimi_k2" else kind, seed=3))
+            base, extra = {"kimi_k2": ("v3", {}), "v3_tied": ("v3", {"tie_word_embeddings": True})}.get(kind, (kind, {}))
+            model = condition(make_hf_model(base, seed=3, **extra))
             d = save_hf(model, root / kind)
             if kind == "kimi_k2":  # Kimi-K2 ships the V3 architecture under its own model_type
                 cfg = json.loads((d / "config.json").read_text())
@@ -67,7 +68,7 @@ def tiny(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("kind", ["v3", "v2lite", "moonlight", "kimi_k2", "v32"])
+@pytest.mark.parametrize("kind", ["v3", "v2lite", "moonlight", "kimi_k2", "v32", "v3_tied"])
 def test_float_logits_match_transformers(tiny, kind):
     model, d = tiny(kind)
     lm = torch_backend.load(d, device="cpu", gemm="bf16", dtype="float32")

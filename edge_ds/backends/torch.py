@@ -286,10 +286,12 @@ class TorchModel:
         from ..datacenter.io import TorchCheckpoint
 
         ckpt = TorchCheckpoint(directory)
-        state = model.state_dict()
+        # Names and shapes only: each tensor replaces its empty placeholder as it is read, so
+        # loading holds the model once, not twice.
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         fp8 = self.gemm == "fp8"
         replaced: set[str] = set()  # module paths swapped for FP8 modules
-        out: dict[str, torch.Tensor] = {}
+        loaded: set[str] = set()
 
         read = ckpt.read
 
@@ -304,13 +306,13 @@ class TorchModel:
             return FP8Linear(read(name).to(device), read(name + "_scale_inv").to(device), scale_fmt=self.scale_fmt,
                              kernel=self.kernel, name=name)
 
-        for key, target in state.items():
+        for key, target in shapes.items():
             path, _, leaf = key.rpartition(".")
             if any(key.startswith(p + ".") for p in replaced):
                 continue
             if path.endswith(".mlp.experts") and leaf in ("gate_up_proj", "down_proj") and f"{key}" not in ckpt:
                 prefix = f"{path}."
-                E = target.shape[0]
+                E = target[0]
                 names = [[f"{prefix}{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")] for e in range(E)]
                 if fp8 and ckpt.is_fp8(names[0][0]):
                     module = model.get_submodule(path)
@@ -334,12 +336,16 @@ class TorchModel:
                     continue  # tied to the embeddings
                 # The correction bias is float32 in DeepSeek's checkpoints and code; the rest in the compute dtype.
                 t = weight(key, torch.float32 if leaf == "e_score_correction_bias" else self.dtype)
-            if tuple(t.shape) != tuple(target.shape):
+            if tuple(t.shape) != target:
                 raise EdgeDSError(f"{directory}: tensor {key!r} has shape {list(t.shape)}, the config needs "
-                                  f"{list(target.shape)}")
-            out[key] = t.to(device)
-        missing = [k for k in model.load_state_dict(out, strict=False, assign=True).missing_keys
-                   if not any(k.startswith(p + ".") for p in replaced)]
+                                  f"{list(target)}")
+            owner = model.get_submodule(path) if path else model
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(t.to(device), requires_grad=False)
+            else:
+                owner._buffers[leaf] = t.to(device)
+            loaded.add(key)
+        missing = [k for k in shapes if k not in loaded and not any(k.startswith(p + ".") for p in replaced)]
         if self.config.tie_word_embeddings:
             model.tie_weights()
             missing = [k for k in missing if k != "lm_head.weight"]
