@@ -115,7 +115,7 @@ def test_specs():
     assert parse_spec("/nowhere", "torch", gemm="fp8").options == {"gemm": "fp8"}
 
 
-@pytest.mark.parametrize("case", ["other_vocab", "missing_dir", "empty_text", "no_candidate"])
+@pytest.mark.parametrize("case", ["other_vocab", "missing_dir", "empty_text", "no_candidate", "no_fp8_build"])
 def test_bad_input_is_one_clear_error(dirs, case):
     hf, text = str(dirs["hf"]), str(dirs["text"])
     empty = dirs["root"] / "empty.txt"
@@ -125,7 +125,10 @@ def test_bad_input_is_one_clear_error(dirs, case):
         "missing_dir": ([hf, str(dirs["root"] / "nope"), "--text", text], "nope: no such model directory"),
         "empty_text": ([hf, str(dirs["mlx4"]), "--text", str(empty)], "empty.txt: the text is empty"),
         "no_candidate": ([hf], "give at least one CAND"),
+        "no_fp8_build": ([], "edge-ds-tiny-fp8: no datacenter build of the shipped model here; give REF and CAND"),
     }[case]
+    if case == "no_fp8_build" and (ROOT / "Package.resources" / "edge-ds-tiny-fp8").is_dir():
+        pytest.skip("the FP8 build is shipped")
     r = CliRunner().invoke(cli, ["parity", *args])
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
