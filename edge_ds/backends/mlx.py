@@ -29,7 +29,8 @@ class MLXBackend:
         self.device = str(mx.default_device())
 
     def __call__(self, tokens: mx.array, cache: PromptCache | None = None) -> mx.array:
-        return self.model(tokens, cache=cache)
+        # With a cache only the last position's logits are read (backend.Backend): the head runs on it alone.
+        return self.model(tokens, cache=cache, last_only=cache is not None)
 
     def make_cache(self) -> PromptCache:
         return self.model.make_cache()

@@ -58,7 +58,10 @@ class Model(nn.Module):
     def make_cache(self) -> PromptCache:
         return PromptCache(self.config.num_hidden_layers)
 
-    def __call__(self, tokens: mx.array, cache: list | None = None, mask: mx.array | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list | None = None, mask: mx.array | None = None,
+                 last_only: bool = False) -> mx.array:
+        """last_only: logits of the last position only, [B, 1, vocab] (generation reads no other;
+        the head is a large share of a CPU prefill chunk)."""
         h = self.model.embed_tokens(tokens).astype(self.dtype)  # [B, L, D]
         L = h.shape[1]
         offset = cache[0].offset if cache else 0
@@ -66,7 +69,7 @@ class Model(nn.Module):
             mask = causal_mask(L, offset, self.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cache[i] if cache else None)
-        h = self.model.norm(h)
+        h = self.model.norm(h[:, -1:] if last_only else h)
         if "lm_head" in self:
             return self.lm_head(h)
         return self.model.embed_tokens.as_linear(h)

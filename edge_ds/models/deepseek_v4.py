@@ -243,7 +243,8 @@ class Model(nn.Module):
         layers = iter(range(cfg.num_hidden_layers))
         return PromptCache(cfg.num_hidden_layers, lambda: V4LayerCache(cfg.sliding_window, pools(next(layers))))
 
-    def __call__(self, tokens: mx.array, cache: PromptCache | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: PromptCache | None = None, last_only: bool = False) -> mx.array:
+        """last_only: logits of the last position only, [B, 1, vocab]."""
         cache = cache if cache is not None else self.make_cache()
         flat = tokens.reshape(-1)
         for layer in self.layers:
@@ -252,7 +253,7 @@ class Model(nn.Module):
         h = mx.broadcast_to(x[:, :, None], (*x.shape[:2], self.config.hc_mult, x.shape[-1]))  # [B, L, n, D]
         for layer, c in zip(self.layers, cache):
             h = layer(h, c)
-        x = self.model.norm(self.model.hc_head(h))
+        x = self.model.norm(self.model.hc_head(h[:, -1:] if last_only else h))
         if "lm_head" in self:
             return self.lm_head(x)
         return self.model.embed_tokens.as_linear(x)
