@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -31,6 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# edge_ds's import loads a system OpenBLAS for MLX (edge_ds/_blas.py); nothing here runs MLX.
+os.environ.setdefault("EDGE_DS_BLAS", "off")
 
 from edge_ds.backends import torch as torch_backend  # noqa: E402
 from edge_ds.datacenter import fp8 as fp8_module  # noqa: E402
