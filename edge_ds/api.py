@@ -16,7 +16,7 @@ from .backend import Backend, ExpertOptions
 from .backends import choose, open_backend
 from .cache import PromptCache
 from .config import ModelConfig
-from .errors import ContextLengthError, EdgeDSError
+from .errors import ContextLengthError, EdgeDSError, OptionError
 from .generate import GenerationStats, generate_tokens, stop_string_hold
 from .options import SamplingOptions
 from .resources import default_model_path
@@ -82,7 +82,7 @@ class TextStream:
 
 def load(path: str | Path | None = None, backend: str | None = None, expert_budget: int | str | None = None, *,
          expert_policy: str = "hybrid", prefetch: bool = False, expert_page_cache: bool = True,
-         trace: str | Path | None = None, **backend_options) -> "LanguageModel":
+         trace: str | Path | None = None, parallel: str | None = None, **backend_options) -> "LanguageModel":
     """Loads a model directory (or the shipped default model when path is None).
 
     expert_budget (bytes, "2GB", "512MiB" or "25%" of the routed-expert bytes) keeps the trunk
@@ -105,6 +105,16 @@ def load(path: str | Path | None = None, backend: str | None = None, expert_budg
     if expert_budget is not None or trace is not None:
         experts = ExpertOptions("100%" if expert_budget is None else expert_budget, expert_policy, prefetch,
                                 expert_page_cache, trace)
+    if parallel is not None:
+        if backend not in (None, "mlx"):
+            raise OptionError("backend", f"{{option}} {backend!r}: --parallel runs on the mlx backend")
+        from .parallel import open_parallel
+
+        driver = open_parallel(directory, parallel, experts)
+        if driver is not None:
+            lm = LanguageModel(driver, Tokenizer.load(directory), directory)
+            lm.backend_reason = f"parallel={parallel} over {driver.link.size} ranks"
+            return lm
     name, why = choose(backend, directory, experts)
     lm = LanguageModel(open_backend(name, directory, experts, **backend_options), Tokenizer.load(directory), directory)
     lm.backend_reason = why

@@ -9,8 +9,11 @@ swap in quantized modules where the checkpoint holds scales; cast and load.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
+import ml_dtypes
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 
 from . import layout
@@ -18,7 +21,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import EdgeDSError
 from . import models
-from .models.moe import MoE
+from .models.moe import MoE, SwitchGLU
 
 
 def compute_dtype() -> mx.Dtype:
@@ -43,20 +46,61 @@ def read_weights(directory: Path, keep=lambda name: True) -> dict[str, mx.array]
     return weights
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: bool = True) -> nn.Module:
+def read_expert_rows(directory: Path, cfg: ModelConfig, experts: Sequence[int], dtype: mx.Dtype,
+                     counter: list[int] | None = None) -> dict[str, mx.array]:
+    """Only the routed experts `experts` (global ids) of every MoE layer, read by offset with
+    experts.ExpertStore (one pread per expert and tensor, stacked or per-expert checkpoints):
+    stacked switch_mlp name -> [len(experts), ...] (floats in `dtype`). Adds the bytes read to
+    counter[0]."""
+    from .experts.store import ExpertStore  # the store imports this package's config; keep it lazy
+
+    store = ExpertStore(directory, cfg, dtype)
+    out: dict[str, mx.array] = {}
+    try:
+        for l in store.layers:
+            tensors = store.tensors[l]
+            stacks = {key: np.empty((len(experts), *t.shape), t.dtype) for key, t in tensors.items()}
+            store.read([(l, e, {key: a[i] for key, a in stacks.items()}) for i, e in enumerate(experts)])
+            if counter is not None:
+                counter[0] += len(experts) * sum(t.nbytes for t in tensors.values())
+            for key, a in stacks.items():
+                proj, kind = key.split(".")
+                if a.dtype == np.dtype(ml_dtypes.bfloat16):  # MLX takes bfloat16 through its bits
+                    out[layout.stacked_name(l, proj, kind)] = mx.array(a.view(np.uint16)).view(mx.bfloat16)
+                else:
+                    out[layout.stacked_name(l, proj, kind)] = mx.array(a)
+    finally:
+        store.close()
+    return out
+
+
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: bool = True,
+               expert_ids: Sequence[int] | None = None, counter: list[int] | None = None) -> nn.Module:
     """routed_experts=False loads the trunk only: routed-expert tensors are never read and each
-    MoE layer is left without `switch_mlp`, for experts.attach_experts to provide."""
+    MoE layer is left without `switch_mlp`, for experts.attach_experts to provide.
+
+    expert_ids (an expert-parallel rank's share, see edge_ds.parallel) loads only those routed
+    experts, by offset reads: each MoE layer's switch_mlp holds len(expert_ids) experts, local id
+    i being global expert expert_ids[i]; counter[0] grows by the expert bytes read."""
     directory = Path(path)
     cfg = ModelConfig.load(directory)
-    keep = (lambda name: True) if routed_experts else (lambda name: not layout.is_routed_expert(name))
+    sharded = expert_ids is not None
+    keep = (lambda name: True) if routed_experts and not sharded else \
+        (lambda name: not layout.is_routed_expert(name))
     weights = read_weights(directory, keep)
     if any(layout.is_fp8_scale(k) for k in weights):
         raise EdgeDSError(f"{directory}: an FP8 checkpoint; convert it to MLX weights first (edge-ds convert)")
     model = models.build(cfg, weights)
-    if not routed_experts:
-        for layer in model.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.pop("switch_mlp")
+    if sharded:
+        weights.update(read_expert_rows(directory, cfg, list(expert_ids), dtype or compute_dtype(), counter))
+    for layer in model.layers:
+        if not isinstance(layer.mlp, MoE):
+            continue
+        if not routed_experts:
+            layer.mlp.pop("switch_mlp")
+        elif sharded:
+            old = layer.mlp.switch_mlp  # same shapes and swiglu limit, fewer experts
+            layer.mlp.switch_mlp = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, len(expert_ids), old.limit)
     weights = model.sanitize(weights)
 
     def quantize_predicate(p: str, m: nn.Module):

@@ -138,7 +138,13 @@ class SwitchGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """sum_k weight_k * expert_k(x) + shared_experts(x); x [B, L, D]."""
+    """sum_k weight_k * expert_k(x) + shared_experts(x); x [B, L, D].
+
+    `shard` (None in one process) is set by edge_ds.parallel on an expert-parallel rank: it is
+    called as shard(moe, x [N, D], indices [N, k], weights [N, k]) -> [N, D] and computes this
+    rank's experts and the all_sum across ranks (a plain attribute, not a parameter)."""
+
+    shard = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -152,6 +158,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         indices, weights = self.gate(x)
+        if self.shard is not None:
+            return self.shard(self, x, indices, weights).reshape(shape)
         if self.split_on_cpu(indices):
             return self._two_streams(x, indices, weights).reshape(shape)
         y = self._routed(x, indices, weights)
