@@ -237,6 +237,9 @@ class TorchModel:
             raise OptionError("dtype", f"{{option}} must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = ModelConfig.load(directory)
         raw = self.config.raw
+        if raw.get("model_type") not in ARCH:
+            raise EdgeDSError(f"{directory / 'config.json'}: model_type {raw.get('model_type')!r} does not run on the "
+                              f"torch backend yet (it runs {', '.join(ARCH)})")
         if raw.get("quantization") is not None:
             raise EdgeDSError(f"{directory / 'config.json'}: an MLX conversion ('quantization'); the torch backend "
                               "reads Hugging Face checkpoints (BF16/F32 or FP8), e.g. the source of the conversion")
