@@ -133,3 +133,24 @@ def test_bad_input_is_one_clear_error(dirs, case):
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edge-ds: error: ") and want in lines[0], r.stderr
+
+
+def test_shipped_model_same_weights_on_two_runtimes(tmp_path):
+    """The shipped 4-bit weights, dequantized exactly into a Hugging Face checkpoint, on torch
+    (transformers' modules, float32) against the shipped MLX build: only arithmetic differs, so
+    parity must find (almost) nothing; then the FP8 build of those weights does differ."""
+    import edge_ds
+    from edge_ds.datacenter import write_fp8_checkpoint
+    from edge_ds.parity import parity
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from shipped_parity import mlx_to_hf_float
+
+    float_dir = mlx_to_hf_float(SHIPPED, tmp_path / "float-of-4bit")
+    ref = edge_ds.load(float_dir, backend="torch", device="cpu", dtype="float32")
+    shipped = edge_ds.load(SHIPPED, backend="mlx")
+    same = parity(ref, [shipped], TEXT, window=64, windows=2).candidates[0]
+    assert same.kl_max < 1e-8 and same.top1_agreement == 1.0 and abs(same.perplexity_gap) < 1e-6
+    fp8 = edge_ds.load(write_fp8_checkpoint(float_dir, tmp_path / "fp8"), backend="torch", device="cpu", gemm="fp8")
+    moved = parity(fp8, [shipped], TEXT, window=64, windows=2).candidates[0]
+    assert 1e-5 < moved.kl_mean < 0.05 and moved.top1_agreement > 0.9
