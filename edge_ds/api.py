@@ -17,8 +17,8 @@ from .backends import choose, open_backend
 from .cache import PromptCache
 from .config import ModelConfig
 from .errors import ContextLengthError, EdgeDSError, OptionError
-from .generate import GenerationStats, generate_tokens, stop_string_hold
-from .options import SamplingOptions
+from .generate import GenerationStats, TokenLogprob, generate_tokens, stop_string_hold
+from .options import SamplingOptions, is_int, require
 from .resources import default_model_path
 from .sampling import Sampler, make_sampler, seed as set_seed
 from .tokenizer import Tokenizer
@@ -52,18 +52,24 @@ class Generation:
     text: str
     tokens: list[int]
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # with generate(..., logprobs=k): one per token of text
 
 
 class TextStream:
     """Iterates text chunks as they are generated; `.stats` and `.text` are complete at the end.
 
     cancel() may be called from any thread (a UI's Stop button): the generating thread stops
-    before its next token and the stream ends with finish_reason "cancelled"."""
+    before its next token and the stream ends with finish_reason "cancelled".
+
+    With stream(..., logprobs=k), `.logprobs` holds a TokenLogprob for each token of the text
+    returned (`.offset`: where its text starts in `.text`), growing as the stream runs; a token
+    that a stop string cut off entirely is left out."""
 
     def __init__(self, chunks: Iterator[str], stats: GenerationStats):
         self._chunks = chunks
         self.stats = stats
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.text = ""
         self._cancel = threading.Event()
 
@@ -165,13 +171,15 @@ class LanguageModel:
         out = self.backend(mx.array(tokens.astype(np.int32)))
         return np.array(out.astype(mx.float32))
 
-    def encode_prompt(self, prompt: Prompt, chat_template: bool | None = None) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, chat_template: bool | None = None,
+                      tools: list[dict] | None = None) -> list[int]:
         """Token ids for a prompt: ids as given; messages through the chat template; a string
-        through the chat template when the model has one (unless chat_template=False)."""
+        through the chat template when the model has one (unless chat_template=False). `tools`
+        (OpenAI tool definitions) go to the chat template's `tools` variable."""
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
             return list(prompt)
         if isinstance(prompt, list):
-            return self.tokenizer.encode_chat(prompt)
+            return self.tokenizer.encode_chat(prompt, **({"tools": tools} if tools else {}))
         if not isinstance(prompt, str):
             raise EdgeDSError("prompt must be a string, a list of messages or a list of token ids")
         use_template = self.tokenizer.has_chat_template if chat_template is None else chat_template
@@ -182,11 +190,17 @@ class LanguageModel:
     def stream(self, prompt: Prompt, *, max_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
                seed: int | None = None, stop: Sequence[str] = (), chat_template: bool | None = None,
-               cache: PromptCache | None = None) -> TextStream:
+               cache: PromptCache | None = None, logprobs: int | None = None,
+               skip_special: bool = True) -> TextStream:
         """Generates text chunk by chunk (max_tokens None: up to the end of the context window).
-        Pass a PromptCache to reuse it across calls."""
+        Pass a PromptCache to reuse it across calls. logprobs=k (0 or more) records each token's
+        log-probability and the k most likely alternatives in `stream.logprobs` (TokenLogprob).
+        skip_special=False keeps special tokens other than EOS in the text (tool-call markers)."""
         opts = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        if logprobs is not None:
+            require("logprobs", is_int(logprobs) and 0 <= logprobs <= self.config.vocab_size,
+                    f"None or an integer in [0, {self.config.vocab_size}]", logprobs)
         sampler = make_sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p)
         set_seed(opts.seed)
         ids = self.encode_prompt(prompt, chat_template)
@@ -196,7 +210,8 @@ class LanguageModel:
         cache = cache if cache is not None else self.new_cache()
         stats = GenerationStats()
         stream = TextStream(iter(()), stats)
-        stream._chunks = self._chunks(ids, cache, sampler, opts, stats, stream.tokens, stream._cancel)
+        stream._chunks = self._chunks(ids, cache, sampler, opts, stats, stream.tokens, stream._cancel,
+                                      logprobs, stream.logprobs, skip_special)
         return stream
 
     def generate(self, prompt: Prompt, **options) -> Generation:
@@ -204,22 +219,27 @@ class LanguageModel:
         s = self.stream(prompt, **options)
         for _ in s:
             pass
-        return Generation(s.text, s.tokens, s.stats)
+        return Generation(s.text, s.tokens, s.stats, s.logprobs if options.get("logprobs") is not None else None)
 
     def chat(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, system)
 
     def _chunks(self, ids: list[int], cache: PromptCache, sampler: Sampler, opts: SamplingOptions,
-                stats: GenerationStats, tokens_out: list[int], cancel: threading.Event) -> Iterator[str]:
+                stats: GenerationStats, tokens_out: list[int], cancel: threading.Event,
+                logprobs: int | None = None, logprobs_out: list[TokenLogprob] | None = None,
+                skip_special: bool = True) -> Iterator[str]:
         _on_mlx_thread()
-        detok = self.tokenizer.detokenizer()
+        detok = self.tokenizer.detokenizer(skip_special)
         eos = set(self.tokenizer.eos_ids)
         stops = list(opts.stop)
         pending = ""  # text held back because it might begin a stop string
+        produced = 0  # characters decoded so far (returned or pending): where the next token's text starts
+        raw: list[TokenLogprob] = []  # generate_tokens' entries, EOS included
         stats.finish_reason = "length"
         try:
             for t in generate_tokens(self.backend, ids, cache, sampler, opts.max_tokens, stats,
-                                     opts.repetition_penalty, opts.repetition_context_size):
+                                     opts.repetition_penalty, opts.repetition_context_size,
+                                     logprobs=logprobs, logprobs_out=raw if logprobs is not None else None):
                 if cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break
@@ -227,11 +247,19 @@ class LanguageModel:
                     stats.finish_reason = "stop"
                     break
                 tokens_out.append(t)
-                pending += detok.add(t)
+                piece = detok.add(t)
+                if logprobs_out is not None and raw:
+                    raw[-1].offset = produced
+                    logprobs_out.append(raw[-1])
+                produced += len(piece)
+                pending += piece
                 if stops:
                     hit = min((pending.find(s) for s in stops if s in pending), default=-1)
                     if hit >= 0:
                         stats.finish_reason = "stop"
+                        cut = produced - len(pending) + hit  # the returned text ends here
+                        if logprobs_out:  # tokens wholly inside the stop string are not in the text
+                            logprobs_out[:] = [e for e in logprobs_out if e.offset < cut]
                         pending = pending[:hit]
                         break
                     hold = stop_string_hold(pending, stops)

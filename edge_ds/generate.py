@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import mlx.core as mx
@@ -32,6 +32,41 @@ class GenerationStats:
         return asdict(self)
 
 
+@dataclass
+class TokenLogprob:
+    """The log-probability of one generated token and of the most likely tokens at its step.
+
+    Of the model's distribution at that step after the repetition penalty, before temperature and
+    the top-k/top-p/min-p filters (what OpenAI, mlx-lm and vLLM report): temperature 0 would
+    otherwise make every chosen token log 1 = 0 and every other one -inf (README, Local server)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
+    offset: int = 0  # where the token's text starts in the generated text (set by the API)
+
+
+def _logprob_arrays(logits: mx.array, token: mx.array, k: int) -> tuple[mx.array, ...]:
+    """(chosen logprob [B], top ids [B, k], top logprobs [B, k]) of float logits [B, V], unevaluated."""
+    logits = logits.astype(mx.float32)
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, token.reshape(-1, 1).astype(mx.int32), axis=-1)[:, 0]
+    if k <= 0:
+        return (chosen,)
+    k = min(k, lp.shape[-1])
+    top = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+    vals = mx.take_along_axis(lp, top, axis=-1)
+    order = mx.argsort(-vals, axis=-1)  # argpartition leaves the k unordered
+    return chosen, mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
+
+
+def _to_logprob(token: int, arrays: tuple[mx.array, ...]) -> TokenLogprob:
+    out = TokenLogprob(token, float(arrays[0][0].item()))
+    if len(arrays) == 3:
+        out.top = list(zip(arrays[1][0].tolist(), arrays[2][0].tolist()))
+    return out
+
+
 def generate_tokens(
     model: Backend,
     prompt: list[int],
@@ -42,8 +77,14 @@ def generate_tokens(
     repetition_penalty: float | None = None,
     repetition_context: int = 64,
     prefill_step: int = PREFILL_STEP,
+    logprobs: int | None = None,
+    logprobs_out: list[TokenLogprob] | None = None,
 ) -> Iterator[int]:
     """Yields up to max_tokens sampled token ids after `prompt`, reusing what `cache` already holds.
+
+    logprobs (None: off) appends a TokenLogprob for each yielded token to `logprobs_out` before the
+    token is yielded, with the `logprobs` most likely alternatives (0: the chosen token's only).
+    The log-softmax runs only then: the normal decode step never normalises.
 
     cache.tokens always lists exactly what the cache holds (the prompt and the tokens fed
     back so far), so the next call can reuse the longest common prefix.
@@ -61,14 +102,23 @@ def generate_tokens(
     stats.prompt_tokens, stats.prefilled_tokens = len(prompt), len(todo)
     history = list(prompt)
 
+    want_logprobs = logprobs is not None
+    if want_logprobs and logprobs_out is None:
+        raise EdgeDSError("generate_tokens: logprobs needs a logprobs_out list")
+    pending: tuple[mx.array, ...] = ()  # the logprob arrays of the step in flight
+
     def step(tokens: list[int]) -> mx.array:
+        nonlocal pending
         logits = model(mx.array([tokens]), cache=cache)[:, -1, :]
         cache.tokens.extend(tokens)
         if repetition_penalty and repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, history, repetition_penalty, repetition_context)
         # Unnormalised: every sampler is shift-invariant, and a logsumexp over the vocabulary is a
         # measurable share of a fast decode step (README, ONNX export).
-        return sampler(logits)
+        token = sampler(logits)
+        if want_logprobs:
+            pending = _logprob_arrays(logits, token, logprobs)
+        return token
 
     # Prefill in chunks so activations stay bounded on long prompts.
     while len(todo) > prefill_step:
@@ -77,20 +127,22 @@ def generate_tokens(
         cache.tokens.extend(todo[:prefill_step])
         todo = todo[prefill_step:]
     token = step(todo)
-    mx.eval(token)
+    mx.eval(token, *pending)
     first = time.perf_counter()
     stats.prompt_tps = len(prompt[reused:]) / max(first - start, 1e-9)
 
     n = 0
     while n < max_tokens:
         t = token.item()
+        if want_logprobs:
+            logprobs_out.append(_to_logprob(t, pending))
         history.append(t)
         n += 1
         if n < max_tokens:
             # Queue the next step before handing this token out, so the model runs while the
             # caller detokenizes and prints.
             token = step([t])
-            mx.async_eval(token)
+            mx.async_eval(token, *pending)
         stats.generation_tokens = n
         stats.generation_tps = n / max(time.perf_counter() - first, 1e-9)
         stats.peak_memory_gb = model.peak_memory_bytes() / 1e9

@@ -15,7 +15,8 @@ from .config import brief
 from .errors import OptionError
 from .options import SamplingOptions, is_int, is_number
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat (its legacy completions stop at 5; this server takes 20 there too)
 
 # The request fields of OpenAI's API reference, and this server's extensions. Any other field is
 # refused, as OpenAI does: a misspelt option must not be silently ignored. max_completion_tokens
@@ -106,8 +107,35 @@ def _text_content(content: Any, param: str) -> str:
     raise RequestError(f"'{param}' must be a string or a list of text parts", param)
 
 
+def _tool_calls(value: Any, param: str) -> list[dict]:
+    """An assistant message's tool_calls, as chat templates read them (arguments: JSON text)."""
+    if not isinstance(value, list) or not value:
+        raise RequestError(f"'{param}' must be a non-empty list of tool calls", param)
+    out = []
+    for k, call in enumerate(value):
+        p = f"{param}[{k}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or call.get("type", "function") != "function":
+            raise RequestError(f"'{p}' must be {{\"type\": \"function\", \"id\": ..., \"function\": {{\"name\", "
+                               "\"arguments\"}}", p)
+        name, args, call_id = fn.get("name"), fn.get("arguments", "{}"), call.get("id", f"call_{k}")
+        if not isinstance(name, str) or not name:
+            raise RequestError(f"'{p}.function.name' must be a non-empty string", f"{p}.function.name")
+        if not isinstance(args, str):
+            raise RequestError(f"'{p}.function.arguments' must be a string of JSON", f"{p}.function.arguments")
+        if not isinstance(call_id, str):
+            raise RequestError(f"'{p}.id' must be a string", f"{p}.id")
+        out.append({"id": _text(call_id, f"{p}.id"), "type": "function",
+                    "function": {"name": _text(name, f"{p}.function.name"),
+                                 "arguments": _text(args, f"{p}.function.arguments")}})
+    return out
+
+
 def parse_messages(value: Any) -> list[dict]:
-    """OpenAI chat messages -> [{"role", "content"}] for the chat template ("developer" is "system")."""
+    """OpenAI chat messages -> [{"role", "content"}] for the chat template ("developer" is "system").
+
+    An assistant message's tool_calls pass through (its content None when it has none, which is what
+    DeepSeek's templates test); a "tool" message keeps tool_call_id (and name)."""
     if not isinstance(value, list) or not value:
         raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
     out = []
@@ -118,8 +146,96 @@ def parse_messages(value: Any) -> list[dict]:
         if not isinstance(role, str) or role not in ROLES:
             raise RequestError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {_show(role)}",
                                f"messages[{i}].role")
-        out.append({"role": ROLES[role], "content": _text_content(m.get("content"), f"messages[{i}].content")})
+        if role == "assistant" and m.get("tool_calls") not in (None, []):
+            content = m.get("content")
+            msg = {"role": "assistant",
+                   "content": None if content in (None, "") else _text_content(content, f"messages[{i}].content"),
+                   "tool_calls": _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")}
+        else:
+            msg = {"role": ROLES[role], "content": _text_content(m.get("content"), f"messages[{i}].content")}
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise RequestError(f"'messages[{i}].tool_call_id' must be a string: the id of the call it answers",
+                                   f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = _text(call_id, f"messages[{i}].tool_call_id")
+            if isinstance(m.get("name"), str):
+                msg["name"] = _text(m["name"], f"messages[{i}].name")
+        out.append(msg)
     return out
+
+
+@dataclass
+class ToolRequest:
+    """A request's tools: the list for the chat template, and what tool_choice asks."""
+
+    tools: list[dict]
+    choice: str  # "auto", "required" or "function" (one named function)
+    name: str | None = None  # the function tool_choice names
+    parallel: bool = True
+
+
+def parse_tools(body: dict) -> ToolRequest | None:
+    """`tools`, `tool_choice` and `parallel_tool_calls`; None when no tool may be called (no tools, or
+    tool_choice "none"). The legacy `functions` is refused with the name of its successor."""
+    _require_object(body)
+    if body.get("functions") not in (None, []):
+        raise RequestError("'functions' is deprecated and not supported; use 'tools'", "functions")
+    if body.get("function_call") not in (None, "none", "auto"):
+        raise RequestError("'function_call' is deprecated and not supported; use 'tool_choice'", "function_call")
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    parallel = _field(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True)
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise RequestError(f"'tool_choice' {_show(choice)} needs 'tools'", "tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise RequestError("'tools' must be a list of {\"type\": \"function\", \"function\": {...}}", "tools")
+    names = []
+    for k, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type") != "function":
+            raise RequestError(f"'tools[{k}]' must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}",
+                               f"tools[{k}]")
+        name = fn.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise RequestError(f"'tools[{k}].function.name' must be 1-64 letters, digits, '_', '.' or '-', "
+                               f"got {_show(name)}", f"tools[{k}].function.name")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise RequestError(f"'tools[{k}].function.description' must be a string", f"tools[{k}].function.description")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise RequestError(f"'tools[{k}].function.parameters' must be a JSON Schema object",
+                               f"tools[{k}].function.parameters")
+        names.append(name)
+    if choice in (None, "auto"):
+        return ToolRequest(tools, "auto", parallel=parallel)
+    if choice == "none":
+        return None
+    if choice == "required":
+        return ToolRequest(tools, "required", parallel=parallel)
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise RequestError("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                           "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+    if name not in names:
+        raise RequestError(f"'tool_choice' names {name!r}, which is not in 'tools'", "tool_choice")
+    return ToolRequest(tools, "function", name, parallel)
+
+
+def parse_logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives to report per token (0: the chosen token's only), or None for no
+    logprobs. Chat: `logprobs` true and `top_logprobs` N; completions: `logprobs` N (legacy)."""
+    _require_object(body)
+    top_ok = lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS  # noqa: E731
+    if chat:
+        on = _field(body, "logprobs", lambda v: isinstance(v, bool), "true or false", False)
+        top = _field(body, "top_logprobs", top_ok, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if top is not None and not on:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if on else None
+    return _field(body, "logprobs", top_ok, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
 
 
 def check_fields(body: dict, chat: bool) -> None:
@@ -139,6 +255,8 @@ def check_prompt_size(prompt: str | list, max_chars: int, context: int, param: s
         n = len(prompt)
     elif isinstance(prompt, list):  # messages, or token ids (no text: the runtime counts them)
         n = sum(len(m["content"]) for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str))
+        n += sum(len(c["function"]["arguments"]) + len(c["function"]["name"]) for m in prompt
+                 if isinstance(m, dict) for c in m.get("tool_calls") or ())
     else:
         raise RequestError(f"'{param}' must be text, token ids or messages", param)
     if n > max_chars:
@@ -174,15 +292,12 @@ def _unsupported(body: dict) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, _is_number, "a number", 0) != 0:
             raise RequestError(f"'{name}' is not supported (use 'repetition_penalty')", name)
-    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "audio"):
+    for name in ("echo", "suffix", "logit_bias", "audio"):
         if body.get(name) not in (None, False, 0, "", [], {}):
             raise RequestError(f"'{name}' is not supported by this server", name)
     if body.get("web_search_options") is not None:  # even {}: it asks for a search
         raise RequestError("'web_search_options' is not supported: this server does not search the web",
                            "web_search_options")
-    for name in ("tool_choice", "function_call"):  # with no tools, only "none" (and "auto") can be honoured
-        if body.get(name) not in (None, "none", "auto"):
-            raise RequestError(f"'{name}' must be \"none\" or \"auto\": this server calls no tools", name)
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise RequestError("'response_format' supports only {\"type\": \"text\"}", "response_format")
@@ -232,6 +347,44 @@ def parse_stream(body: dict) -> tuple[bool, bool]:
     return stream, usage
 
 
+def _token_text(data: bytes) -> str:
+    """A token as OpenAI shows it: its text, or "bytes:\\xNN..." for part of a character."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def _logprob(value: float) -> float:
+    # JSON has no -inf; a token the model gives no mass at all (float32 underflow) is reported as
+    # the most negative float, as OpenAI does for such tokens.
+    return value if value > -sys.float_info.max else -9999.0
+
+
+def chat_logprobs(entries: list, token_bytes: Callable[[int], bytes]) -> dict:
+    """choices[].logprobs of a chat completion (or one chunk's) for TokenLogprob entries."""
+    def item(token: int, logprob: float) -> dict:
+        data = token_bytes(token)
+        return {"token": _token_text(data), "logprob": _logprob(logprob), "bytes": list(data)}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list, token_bytes: Callable[[int], bytes]) -> dict:
+    """choices[].logprobs of a (legacy) text completion: tokens, token_logprobs, top_logprobs (the
+    top alternatives and the chosen token, by text) and text_offset (into the completion's text)."""
+    tops = []
+    for e in entries:
+        top: dict[str, float] = {}
+        for t, lp in [*e.top, (e.token, e.logprob)]:
+            top.setdefault(_token_text(token_bytes(t)), _logprob(lp))  # two ids spelt alike: the likelier
+        tops.append(top)
+    return {"tokens": [_token_text(token_bytes(e.token)) for e in entries],
+            "token_logprobs": [_logprob(e.logprob) for e in entries], "top_logprobs": tops,
+            "text_offset": [e.offset for e in entries]}
+
+
 @dataclass
 class Result:
     """What one generation produced, for the usage block and finish_reason."""
@@ -262,22 +415,25 @@ class Reply:
         return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                 "total_tokens": r.prompt_tokens + r.completion_tokens}
 
-    def whole(self, text: str, r: Result) -> dict:
+    def whole(self, text: str, r: Result, logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": r.finish_reason}
+            message: dict = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": r.finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": r.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": r.finish_reason}
         return {**self.head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
                 "usage": self.usage(r)}
 
-    def chunk(self, delta: str | dict, finish_reason: str | None, include_usage: bool) -> dict:
+    def chunk(self, delta: str | dict, finish_reason: str | None, include_usage: bool,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             if isinstance(delta, str):
                 delta = {"content": delta} if delta else {}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         out = {**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
         if include_usage:
             out["usage"] = None

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import hashlib
+import hmac
 import io
 import json
 import queue
@@ -39,8 +41,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import ContextLengthError, EdgeDSError
-from .openai_schema import (Reply, RequestError, Result, check_fields, check_prompt_size, parse_body,
-                            parse_messages, parse_options, parse_prompt, parse_stream)
+from .openai_schema import (Reply, RequestError, Result, chat_logprobs, check_fields, check_prompt_size,
+                            completion_logprobs, parse_body, parse_logprobs, parse_messages, parse_options,
+                            parse_prompt, parse_stream, parse_tools)
+from .tool_calls import ToolCallParser
 
 if TYPE_CHECKING:  # only for annotations: the CLI imports this module for Limits, and must load no MLX
     from .api import LanguageModel
@@ -97,11 +101,14 @@ class Limits:
 @dataclass
 class Job:
     """One generation request; the model thread answers on `events`:
-    ("text", str)* then ("done", Result) or ("error", RequestError)."""
+    ("text", (str, [TokenLogprob])) * then ("done", Result) or ("error", RequestError). The
+    logprob entries sent with a piece are those of the tokens whose text has begun by its end."""
 
     prompt: str | list[dict] | list[int]
     chat_template: bool
     options: dict
+    tools: list[dict] | None = None  # for the chat template's `tools`
+    prefix: str = ""  # text after the generation prompt that the answer continues (a forced tool call)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -199,19 +206,28 @@ class ModelWorker:
         opts = dict(job.options)
         encoded = False
         try:
-            ids = lm.encode_prompt(job.prompt, job.chat_template)
+            ids = lm.encode_prompt(job.prompt, job.chat_template, tools=job.tools)
+            if job.prefix:
+                ids = ids + lm.tokenizer.encode(job.prefix, add_bos=False)
             encoded = True
             if self.prompt_cache and self._cache is None:
                 self._cache = lm.new_cache()
             stream = lm.stream(ids, cache=self._cache if self.prompt_cache else None, **opts)
             chunks = iter(stream)
             cancelled = False
+            sent = 0  # logprob entries handed out
             for chunk in chunks:
                 if job.cancelled.is_set():
                     cancelled = True
                     chunks.close()  # stops the decode loop between tokens
                     break
-                job.events.put(("text", chunk))
+                end = sent
+                while end < len(stream.logprobs) and stream.logprobs[end].offset < len(stream.text):
+                    end += 1
+                job.events.put(("text", (chunk, stream.logprobs[sent:end])))
+                sent = end
+            if not cancelled and sent < len(stream.logprobs):  # tokens that added no text at the end
+                job.events.put(("text", ("", stream.logprobs[sent:])))
             stats = stream.stats
             result = Result(stats.prompt_tokens, stats.generation_tokens,
                             "cancelled" if cancelled else stats.finish_reason, stats.prefilled_tokens,
@@ -331,6 +347,8 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = False
         model_path = path.startswith("/v1/models/")
         try:
+            if path != "/health":  # health checkers carry no key (and the loop answers most of them)
+                self.server.authorize(self.headers.get("Authorization"))
             allowed = ("GET",) if model_path else self.routes.get(path)
             if allowed is None:
                 raise RequestError(f"unknown path: {method} {path}", status=404, code="not_found")
@@ -405,8 +423,25 @@ class Handler(BaseHTTPRequestHandler):
         check_prompt_size(prompt, self.server.prompt_limit, lm.config.max_position_embeddings,
                           "messages" if chat else "prompt")
         options = parse_options(body)
+        options["logprobs"] = parse_logprobs(body, chat)
+        tools = parse_tools(body) if chat else None
         stream, include_usage = parse_stream(body)
-        job = Job(prompt, chat_template=chat, options=options)
+        parser, prefix = None, ""
+        if tools is not None:
+            fmt = lm.tokenizer.tool_format
+            if fmt is None:
+                raise RequestError("'tools': this model writes no tool-call format that edge-ds reads (it reads "
+                                   "DeepSeek V3/R1/V3.1's and Kimi-K2's, found from the chat template and "
+                                   "vocabulary)", "tools")
+            if not lm.tokenizer.renders_tools:
+                raise RequestError("'tools': this model's chat template does not render tools (it reads no "
+                                   "'tools' variable, as DeepSeek V3/R1's published template does not); put a "
+                                   "template that does in the model directory as chat_template.jinja", "tools")
+            if tools.choice != "auto":  # "required" or a named function: the answer starts inside a call
+                prefix = fmt.forced_prefix(tools.name)
+            parser = ToolCallParser(fmt, tools.parallel, prefix)
+            options["skip_special"] = False  # the tool-call markers are special tokens
+        job = Job(prompt, chat_template=chat, options=options, tools=tools.tools if tools else None, prefix=prefix)
         self.server.worker.submit(job)  # Busy (429) when the queue is full
         try:
             events = self._events(job)
@@ -414,18 +449,18 @@ class Handler(BaseHTTPRequestHandler):
             if kind == "error":
                 raise value
             reply = Reply(self.server.model_id, self.server.fingerprint, chat)
+            out = _Output(reply, parser, options["logprobs"] is not None, lm.tokenizer.token_bytes)
             if stream:
-                self._stream(reply, kind, value, events, include_usage)
+                self._stream(out, kind, value, events, include_usage)
             else:
-                text = []
                 while kind == "text":
-                    text.append(value)
+                    out.add(*value)
                     kind, value = next(events)
                 if kind == "error":
                     raise value
                 if value.finish_reason == "cancelled":
                     raise _stopped()
-                self._send_json(200, reply.whole("".join(text), value))
+                self._send_json(200, out.whole(value))
         finally:
             job.cancelled.set()  # a no-op once the job is done; stops it if we leave early
 
@@ -462,25 +497,29 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _stream(self, reply: "Reply", kind: str, value: Any, events: Iterator, include_usage: bool) -> None:
+    def _stream(self, out: "_Output", kind: str, value: Any, events: Iterator, include_usage: bool) -> None:
         self.close_connection = True  # the body ends when the connection closes
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
+        reply = out.reply
         try:
             if reply.chat:
                 self._event(reply.chunk({"role": "assistant", "content": ""}, None, include_usage))
             while kind == "text":
-                self._event(reply.chunk(value, None, include_usage))
+                for delta, logprobs in out.add(*value):
+                    self._event(reply.chunk(delta, None, include_usage, logprobs))
                 kind, value = next(events)
             if kind == "done" and value.finish_reason == "cancelled":
                 kind, value = "error", _stopped()
             if kind == "error":  # after the headers: an error event, as OpenAI sends
                 self._event(value.body())
                 return
-            self._event(reply.chunk("", value.finish_reason, include_usage))
+            for delta, logprobs in out.finish():
+                self._event(reply.chunk(delta, None, include_usage, logprobs))
+            self._event(reply.chunk("", out.finish_reason(value), include_usage, out.rest_logprobs()))
             if include_usage:
                 self._event(reply.usage_chunk(value))
             self.wfile.write(b"data: [DONE]\n\n")
@@ -503,12 +542,71 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+class _Output:
+    """Turns a job's text pieces into what one response says: content (through the tool-call
+    parser when the request has tools), tool calls, and logprobs, whole or as stream deltas."""
+
+    def __init__(self, reply: Reply, parser: ToolCallParser | None, logprobs: bool,
+                 token_bytes: Callable[[int], bytes]):
+        self.reply, self.parser, self.logprobs, self._bytes = reply, parser, logprobs, token_bytes
+        self.text: list[str] = []
+        self.calls: list[dict] = []
+        self.entries: list = []  # every logprob entry
+        self._unsent: list = []  # those not yet sent with a stream delta
+
+    def _format(self, entries: list) -> dict | None:
+        if not self.logprobs:
+            return None
+        return (chat_logprobs if self.reply.chat else completion_logprobs)(entries, self._bytes)
+
+    def _deltas(self, events: list) -> list[tuple[str | dict, dict | None]]:
+        out = []
+        for kind, value in events:
+            if kind == "content":
+                self.text.append(value)
+                delta: str | dict = value
+            else:
+                call = value.to_openai(len(self.calls))
+                self.calls.append(value.to_openai())
+                delta = {"tool_calls": [call]}
+            out.append((delta, self._format(self._unsent)))
+            self._unsent = []
+        return out
+
+    def add(self, piece: str, entries: list) -> list[tuple[str | dict, dict | None]]:
+        """Feeds a piece of text and its tokens' logprob entries; returns the stream deltas it makes."""
+        self.entries += entries
+        self._unsent += entries
+        events = self.parser.feed(piece) if self.parser else ([("content", piece)] if piece else [])
+        return self._deltas(events)
+
+    def finish(self) -> list[tuple[str | dict, dict | None]]:
+        return self._deltas(self.parser.finish()) if self.parser else []
+
+    def rest_logprobs(self) -> dict | None:
+        """The logprobs not yet sent, for the stream's last chunk (None when there are none)."""
+        rest, self._unsent = self._unsent, []
+        return self._format(rest) if rest else None
+
+    def finish_reason(self, r: Result) -> str:
+        return "tool_calls" if self.calls and r.finish_reason in ("stop", "length") else r.finish_reason
+
+    def whole(self, r: Result) -> dict:
+        self.finish()
+        r = Result(r.prompt_tokens, r.completion_tokens, self.finish_reason(r), r.prefilled_tokens,
+                   r.prompt_tps, r.generation_tps)
+        return self.reply.whole("".join(self.text), r, self._format(self.entries), self.calls or None)
+
+
 def _route(target: str) -> str:
     """The path a request target names, as the routes spell it (no query, no trailing slash)."""
     return target.split("?", 1)[0].rstrip("/") or "/"
 
 
 def _retry_headers(e: RequestError) -> dict[str, str]:
+    """The headers an error answer carries: Retry-After for "busy", the auth scheme for a 401."""
+    if e.status == 401:
+        return {"WWW-Authenticate": "Bearer"}
     return {"Retry-After": str(e.retry_after)} if isinstance(e, Busy) else {}
 
 
@@ -665,13 +763,17 @@ class Server(HTTPServer):
     """The HTTP server; `worker` runs the model. Use serve_forever() or start(), then close()."""
 
     def __init__(self, address: tuple[str, int], lm: LanguageModel, model_id: str, prompt_cache: bool,
-                 quiet: bool, limits: Limits | None = None):
+                 quiet: bool, limits: Limits | None = None, api_key: str | None = None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         # Set before binding: a failed bind calls server_close(), which reads them.
         self.limits = limits = limits or Limits()
         self.model_id = model_id
         self.quiet = quiet
+        if api_key is not None and (not api_key or not api_key.isprintable() or not api_key.isascii()):
+            raise EdgeDSError("the API key must be a non-empty string of printable ASCII characters")
+        # Only a digest is kept: comparing digests takes the same time whatever the key's length.
+        self._key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.fingerprint = f"edge-ds-{lm.fingerprint}"
         self.prompt_limit = min(lm.config.max_position_embeddings * MAX_CHARS_PER_TOKEN, MAX_BODY_BYTES)
         self.worker = ModelWorker(lm, prompt_cache, log=None if quiet else self._log,
@@ -717,6 +819,20 @@ class Server(HTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def authorize(self, header: str | None) -> None:
+        """Raises a 401 RequestError unless the request carries the API key (when one is set), compared
+        in constant time."""
+        if self._key_digest is None:
+            return
+        scheme, _, given = (header or "").strip().partition(" ")
+        given = given.strip()
+        if scheme.lower() != "bearer" or not given:
+            raise RequestError("You didn't provide an API key. Provide it in an Authorization header using "
+                               "Bearer auth (Authorization: Bearer YOUR_KEY).", status=401, code="invalid_api_key")
+        digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+        if not hmac.compare_digest(digest, self._key_digest):
+            raise RequestError("Incorrect API key provided.", status=401, code="invalid_api_key")
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_id}
@@ -1067,16 +1183,19 @@ class Server(HTTPServer):
 
 
 def make_server(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,
-                prompt_cache: bool = True, quiet: bool = False, limits: Limits | None = None) -> Server:
+                prompt_cache: bool = True, quiet: bool = False, limits: Limits | None = None,
+                api_key: str | None = None) -> Server:
     """A server for the loaded model `lm` bound to host:port (port 0: any free port), not yet serving.
 
+    api_key: when given, every request but /health must carry `Authorization: Bearer <api_key>`
+    (else 401, OpenAI's invalid_api_key error).
     model_id: the name /v1/models lists (default: the model directory's name); requests may name
     any model, the loaded one answers. prompt_cache=False prefills every prompt from scratch.
     limits: the bounds under load (default Limits()); max_connections is cut to fit the process's
     open-file limit (serve() raises that limit first; an app may call raise_open_file_limit).
     """
     try:
-        return Server((host, port), lm, model_id or lm.path.name, prompt_cache, quiet, limits)
+        return Server((host, port), lm, model_id or lm.path.name, prompt_cache, quiet, limits, api_key)
     except (OSError, OverflowError) as e:  # OverflowError: a port over 65535
         raise EdgeDSError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
 

@@ -21,6 +21,7 @@ from .errors import EdgeDSError
 
 _REPLACEMENT = "\ufffd"
 _SPACE_PIECE = "\u2581"  # sentencepiece's "▁"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece
 
 # Kimi-K2's pre-tokenizer split: TikTokenTokenizer.pat_str in tokenization_kimi.py of
 # huggingface.co/moonshotai/Kimi-K2-Instruct. Rust regex syntax (\p{Han}, && class intersection) that
@@ -560,10 +561,64 @@ class Tokenizer:
         has_bos = bool(self.bos_token) and text.startswith(self.bos_token)
         return self.encode(text, add_bos=not has_bos)
 
-    def detokenizer(self) -> "StreamingDetokenizer":
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for on its own (logprobs report them): a byte-fallback or
+        byte-level piece that is part of a character gives its raw bytes, not U+FFFD."""
+        cache = self.__dict__.setdefault("_token_bytes", {})
+        if token_id in cache:
+            return cache[token_id]
+        backend = self._backend
+        if hasattr(backend, "decode_bytes"):
+            out = backend.decode_bytes([token_id], False)
+        else:
+            text = backend.decode([token_id], False)
+            piece = backend.id_to_token(token_id) or ""
+            if _REPLACEMENT not in text:
+                # A lone sentencepiece piece decodes without its leading "▁"; the token has the space.
+                if piece.startswith(_SPACE_PIECE) and not text.startswith(" "):
+                    text = " " + text
+                out = text.encode("utf-8")
+            elif _BYTE_PIECE.fullmatch(piece):
+                out = bytes([int(piece[3:5], 16)])
+            elif piece and all(c in _CHAR_TO_BYTE for c in piece):  # GPT-2's byte alphabet (byte-level BPE)
+                out = bytes(_CHAR_TO_BYTE[c] for c in piece)
+            else:
+                out = text.encode("utf-8")
+        if len(cache) < 1 << 20:
+            cache[token_id] = out
+        return out
+
+    def detokenizer(self, skip_special: bool = True) -> "StreamingDetokenizer":
+        """A streaming decoder; skip_special=False keeps special tokens (tool-call markers) in the text."""
         if hasattr(self._backend, "decode_bytes"):
-            return ByteStreamingDetokenizer(self)
-        return StreamingDetokenizer(self)
+            return ByteStreamingDetokenizer(self, skip_special)
+        return StreamingDetokenizer(self, skip_special)
+
+    # --- tools ---
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a token spelt `text` (a special token's content), or None if it has none."""
+        return self._backend.token_to_id(text)
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template reads a `tools` variable (DeepSeek V3.1's and Kimi-K2's do;
+        DeepSeek V3/R1's published template does not)."""
+        if not self.chat_template:
+            return False
+        from jinja2 import TemplateError, meta
+        try:
+            return "tools" in meta.find_undeclared_variables(_template_env().parse(self.chat_template))
+        except TemplateError:
+            return False  # the template does not parse; rendering it will say so
+
+    @property
+    def tool_format(self) -> Any:
+        """The tool-call format this model writes (tool_calls.ToolFormat), or None."""
+        if "_tool_format" not in self.__dict__:
+            from .tool_calls import detect
+            self._tool_format = detect(self.chat_template, lambda t: self.token_id(t) is not None)
+        return self._tool_format
 
 
 # --- the chat-template sandbox ---------------------------------------------------------------------
