@@ -12,7 +12,9 @@ top-8 so that it is written and loaded in seconds):
   2. which kernel served the FP8 GEMMs, and why torch's blockwise _scaled_mm did or did not
      serve each weight shape;
   3. prefill and decode tokens/s on the GPU with gemm fp8 and gemm bf16 (DeepSeek's default:
-     dequantized weights, bf16 matmuls), bf16 activations.
+     dequantized weights, bf16 matmuls), bf16 activations;
+  4. the same for transformers' own fine-grained FP8 integration (Triton block-FP8 linears)
+     loading the checkpoint itself, with its KL against the CPU emulation: which is faster.
 Needs torch with CUDA and transformers only (no MLX, no ml_dtypes): it runs from a source
 checkout on a bare GPU image. `--device cpu --tiny` is a dry run of the whole script on a CPU.
 """
@@ -160,6 +162,39 @@ def speed(lm, device: str, prompt: int, steps: int, vocab: int) -> dict:
     return {"prefill_tps": prompt / (t1 - t0), "decode_tps": steps / (t2 - t1), "prompt": prompt, "steps": steps}
 
 
+def transformers_fp8(path: Path, device: str, ids: torch.Tensor, prompt: int, steps: int, vocab: int) -> dict:
+    """transformers' own fine-grained FP8 integration on the same checkpoint (its Triton block-FP8
+    linears on CUDA; on a CPU it dequantizes): logits [1, T, V] and tok/s, for "which is faster"
+    (a failure is reported, not raised: it is the comparison, not the reference)."""
+    import transformers
+
+    try:
+        # No device_map: that needs accelerate, which a bare GPU image may lack.
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).to(device).eval()
+        kinds = sorted({type(m).__name__ for m in model.modules() if "fp8" in type(m).__name__.lower()})
+        with torch.inference_mode():
+            logits = model(ids.to(device)).logits.float()
+            g = torch.Generator().manual_seed(1)
+            p = torch.randint(0, vocab, (1, prompt), generator=g).to(device)
+            model(p[:, :16])
+            sync(device)
+            t0 = time.perf_counter()
+            out = model(p, use_cache=True, logits_to_keep=1)
+            sync(device)
+            t1 = time.perf_counter()
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(steps):
+                out = model(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            sync(device)
+            t2 = time.perf_counter()
+        del model
+        return {"logits": logits.cpu(), "fp8_modules": kinds, "prefill_tps": prompt / (t1 - t0),
+                "decode_tps": steps / (t2 - t1)}
+    except Exception as e:  # transformers' integration raises many kinds; say which and go on
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
 def check_model(name: str, path: Path, device: str, vocab: int, tokens: int, prompt: int, steps: int) -> dict:
     out: dict = {"model": name}
     g = torch.Generator().manual_seed(0)
@@ -176,13 +211,18 @@ def check_model(name: str, path: Path, device: str, vocab: int, tokens: int, pro
     out["cuda_kernel_vs_emulation_on_device"] = compare(emulated.forward(ids), gpu_logits)
     del emulated
     cpu = torch_backend.load(path, device="cpu", gemm="fp8", dtype="bfloat16")
-    out["cuda_vs_cpu_emulation"] = compare(cpu.forward(ids), gpu_logits)
+    cpu_logits = cpu.forward(ids)
+    out["cuda_vs_cpu_emulation"] = compare(cpu_logits, gpu_logits)
     del cpu
     del gpu
     bf16 = torch_backend.load(path, device=device, gemm="bf16", dtype="bfloat16")
     out["fp8_vs_bf16_gemm"] = compare(bf16.forward(ids), gpu_logits)
     out["speed_bf16"] = speed(bf16, device, prompt, steps, vocab)
     del bf16
+    theirs = transformers_fp8(path, device, ids, prompt, steps, vocab)
+    if "logits" in theirs:
+        theirs["vs_cpu_emulation"] = compare(cpu_logits, theirs.pop("logits"))
+    out["transformers_fp8"] = theirs
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -215,11 +255,15 @@ def main() -> None:
     results["total_s"] = time.perf_counter() - started
     print(json.dumps(results, indent=1))
     print("\n| model | kernel calls | CUDA vs CPU emulation: max rel / KL / top-1 | fp8 prefill / decode tok/s "
-          "| bf16 prefill / decode tok/s |\n|---|---|---|---|---|")
+          "| bf16 prefill / decode tok/s | transformers FP8 prefill / decode tok/s, KL vs emulation |"
+          "\n|---|---|---|---|---|---|")
     for m in results["models"]:
-        c, f, b = m["cuda_vs_cpu_emulation"], m["speed_fp8"], m["speed_bf16"]
+        c, f, b, t = m["cuda_vs_cpu_emulation"], m["speed_fp8"], m["speed_bf16"], m["transformers_fp8"]
+        theirs = (t["error"] if "error" in t else f"{t['prefill_tps']:.0f} / {t['decode_tps']:.1f}, "
+                  f"{t['vs_cpu_emulation']['kl_mean']:.2e}")
         print(f"| {m['model']} | {m['kernels']['calls']} | {c['max_rel']:.2e} / {c['kl_mean']:.2e} / {c['top1']:.3f} "
-              f"| {f['prefill_tps']:.0f} / {f['decode_tps']:.1f} | {b['prefill_tps']:.0f} / {b['decode_tps']:.1f} |")
+              f"| {f['prefill_tps']:.0f} / {f['decode_tps']:.1f} | {b['prefill_tps']:.0f} / {b['decode_tps']:.1f} "
+              f"| {theirs} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
