@@ -220,6 +220,23 @@ def _print_stats(stats, lm) -> None:
         f"Backend: {lm.backend.name} ({lm.backend_reason}), {lm.backend.device}", err=True)
 
 
+def parallel_option(f):
+    """--parallel expert: the model split over the ranks `mlx.launch` started (README, Several machines),
+    passed to load() with the `experts` dict (or `backend_options` where a command has no experts)."""
+
+    @click.option("--parallel", type=click.Choice(["expert"]), default=None,
+                  help="Under mlx.launch: split the model over the ranks (expert: routed experts by id, trunk "
+                       "on every rank). Rank 0 prints and serves; one process: a normal load.")
+    @functools.wraps(f)
+    def wrapper(*args, parallel=None, **kw):
+        if parallel is not None:
+            target = "experts" if "experts" in kw else "backend_options"
+            kw[target] = {**kw[target], "parallel": parallel}
+        return f(*args, **kw)
+
+    return wrapper
+
+
 @main.command()
 @model_option
 @click.option("--prompt", "-p", required=True, help="Prompt text ('-' reads standard input).")
@@ -229,6 +246,7 @@ def _print_stats(stats, lm) -> None:
 @expert_options
 @backend_option
 @torch_options
+@parallel_option
 def generate(model_dir, prompt, no_chat_template, quiet, sampling, experts, backend, backend_options):
     """Generate text from a prompt."""
     from .api import load
@@ -260,6 +278,7 @@ Ctrl-C stops a reply without ending the session. A long conversation drops its o
 @sampling_options
 @expert_options
 @backend_option
+@parallel_option
 def chat(model_dir, system, sampling, experts, backend):
     """Chat in the terminal. /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
     from .api import load
@@ -324,6 +343,7 @@ def chat(model_dir, system, sampling, experts, backend):
                    "Prefer the EDGE_DS_API_KEY environment variable: a flag shows in the process list.")
 @expert_options
 @backend_option
+@parallel_option
 def serve(model_dir, host, port, max_connections, max_queue, api_key, experts, backend):
     """Serve the model over an OpenAI-compatible HTTP API until Ctrl-C.
 
@@ -392,6 +412,7 @@ def _bytes(n: int) -> str:
 @expert_options
 @backend_option
 @torch_options
+@parallel_option
 def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json, experts, backend, backend_options):
     """Measure prompt and generation tokens/s (same meaning as mlx-lm's benchmark)."""
     from .api import load
@@ -449,6 +470,7 @@ def trace_replay(trace_file, budgets, prefill, half_life):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @backend_option
 @torch_options
+@parallel_option
 def perplexity(model_dir, text_file, window, as_json, backend, backend_options):
     """Perplexity of a text file (non-overlapping windows, BOS at the start)."""
     from .api import load

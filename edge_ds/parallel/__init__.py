@@ -10,12 +10,28 @@ lockstep protocol and faults, expert.py for expert parallelism, plan.py for who 
 from __future__ import annotations
 
 import atexit
+import hashlib
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import OptionError
 from .plan import MODES, ExpertPlan, ParallelError, describe, expert_plan
 
 __all__ = ["MODES", "ExpertPlan", "ParallelError", "expert_plan", "open_parallel", "describe"]
+
+
+def os_read_bytes() -> int:
+    """Bytes this process has read through read/pread system calls so far (Linux /proc/self/io
+    rchar: page-cache hits included, so it measures what was asked of the files), or -1."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
 
 
 def open_parallel(directory: Path, mode: str, experts=None):
@@ -48,15 +64,32 @@ def open_parallel(directory: Path, mode: str, experts=None):
     plan = expert_plan(cfg, rank, size)  # refuse before reading weights
     if not has_weights(directory):
         raise ParallelError(f"{directory}: --parallel needs MLX weights ({WEIGHTS_GLOB}); convert the checkpoint")
+    from ..experts import store as _store  # noqa: F401 - imported before the byte count starts
+
     counter = [0]
+    before = os_read_bytes()
     model = load_model(directory, expert_ids=plan.owned, counter=counter)
+    measured = os_read_bytes() - before if before >= 0 else -1
     expert.install(model, plan, group)
     wire(model)
     inner = MLXBackend(model)
     with Checkpoint(directory, WEIGHTS_GLOB) as ckpt:
         trunk = sum(ckpt.info(n).nbytes for n in ckpt.names() if not is_routed_expert(n))
-    inner.bytes_read = {"experts": counter[0], "trunk": trunk}
+        routed = sum(ckpt.info(n).nbytes for n in ckpt.names() if is_routed_expert(n))
+    # Every rank's numbers on every rank (rank 0 reports them), and a check that all ranks
+    # loaded the same model: a rank started on another directory or version would compute garbage.
+    fingerprint = int.from_bytes(hashlib.sha256((directory / "config.json").read_bytes()).digest()[:6], "little")
+    mine = mx.array([[counter[0], trunk, routed, measured, fingerprint]], mx.int64)
     link = run.Link(group)
+    table = mx.distributed.all_gather(mine, group=group)
+    link.eval(table, what="comparing the loaded models")
+    rows = np.array(table).tolist()
+    for r, row in enumerate(rows):
+        if row[4] != fingerprint:
+            link.fail(f"rank {rank}: {describe(r)} loaded a different config.json than this rank's {directory}")
+    inner.bytes_read = {"experts": counter[0], "trunk": trunk, "routed_total": routed, "os_read": measured,
+                        "per_rank": [dict(rank=r, experts=row[0], trunk=row[1], os_read=row[3])
+                                     for r, row in enumerate(rows)]}
     if rank == 0:
         driver = run.Driver(inner, link, mode)
         atexit.register(driver.close)

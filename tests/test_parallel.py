@@ -1,0 +1,200 @@
+"""Expert parallelism over MLX's distributed layer: 2 ranks on localhost (ring backend) against an
+independent single-process run of the same checkpoint.
+
+Each 2-rank run starts this file as a script twice, with the environment `mlx.launch --backend
+ring` gives its processes (MLX_HOSTFILE: a JSON list of each rank's "ip:port", MLX_RANK), so a
+test can kill one rank. A run does all its checks at once (one model load per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TOKENS = np.random.default_rng(7).integers(2, 300, (2, 24))  # logits batch
+PROMPT = [int(t) for t in np.random.default_rng(8).integers(2, 300, 12)]
+GREEDY = 64
+
+
+# --- what both sides run ------------------------------------------------------------------
+def workload(lm) -> dict:
+    """Logits without a cache, 64 greedy tokens, then a second turn on the same cache (its
+    prefix reused: the followers must rewind their mirror of it too)."""
+    from edge_ds.generate import GenerationStats, generate_tokens
+    from edge_ds.sampling import make_sampler
+
+    greedy = make_sampler(0.0)
+    cache = lm.new_cache()
+    first = list(generate_tokens(lm.backend, PROMPT, cache, greedy, GREEDY, GenerationStats()))
+    again = PROMPT + first[:8] + [5]
+    second = list(generate_tokens(lm.backend, again, cache, greedy, 16, GenerationStats()))
+    return {"logits": lm.logits(TOKENS), "first": first, "second": second}
+
+
+def worker(mode: str, model: str, out: str) -> None:
+    """One rank (run as a script under the ring environment)."""
+    import edge_ds
+    from edge_ds.parallel import run
+
+    if mode == "loop":
+        run.FATAL = True  # as `python -m edge_ds` does
+    lm = edge_ds.load(model, parallel="expert")  # ranks > 0 never return
+    if mode == "parity":
+        got = workload(lm)
+        np.save(out + ".npy", got.pop("logits"))
+        got["bytes"] = lm.backend.bytes_read
+        Path(out).write_text(json.dumps(got))
+    elif mode == "loop":
+        print("ready", flush=True)
+        while True:
+            lm.logits(TOKENS)
+
+
+# --- launching ----------------------------------------------------------------------------
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def launch(tmp: Path, args: list[str], size: int = 2, **popen) -> list[subprocess.Popen]:
+    """`size` ranks of `python args...` with mlx.launch's ring environment."""
+    hostfile = tmp / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(size)]))
+    env = dict(os.environ, MLX_HOSTFILE=str(hostfile), PYTHONPATH=str(ROOT), EDGE_DS_PARALLEL_TIMEOUT="20")
+    return [subprocess.Popen([sys.executable, *args], env=dict(env, MLX_RANK=str(r)), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+            for r in range(size)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int, str, str]]:
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append((p.returncode, o, e))
+    return outs
+
+
+# --- models -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    from converters.mlx import convert
+    from tests.test_api import add_tokenizer
+    from tests.tiny_models import make_hf_model, save_hf
+
+    base = tmp_path_factory.mktemp("parallel")
+    out = {}
+    for kind in ("v3", "v2lite"):
+        hf = base / f"hf_{kind}"
+        save_hf(make_hf_model(kind, vocab_size=300, max_position_embeddings=256), hf)
+        add_tokenizer(hf, 300)
+        for quant in ("none", "4bit"):
+            out[kind, quant] = convert(hf, base / f"{kind}_{quant}", quant=quant, dtype="float32")
+    return out
+
+
+# --- tests --------------------------------------------------------------------------------
+def test_plan_refuses_models_that_do_not_divide():
+    from edge_ds.config import ModelConfig
+    from edge_ds.parallel import ParallelError, expert_plan
+    from tests.tiny_models import V3
+
+    cfg = ModelConfig.from_dict(dict(V3, n_routed_experts=8))
+    assert expert_plan(cfg, 1, 2).owned == [1, 3, 5, 7]
+    assert expert_plan(cfg, 0, 8).owned == [0]
+    with pytest.raises(ParallelError, match="does not divide over 3 ranks"):
+        expert_plan(cfg, 0, 3)
+    with pytest.raises(ParallelError, match="fewer than the 16 ranks"):
+        expert_plan(cfg, 0, 16)
+
+
+@pytest.mark.parametrize("kind,quant", [("v3", "none"), ("v3", "4bit"), ("v2lite", "none"), ("v2lite", "4bit")])
+def test_two_ranks_match_one_process(models, kind, quant, tmp_path):
+    """Logits to 1e-5 relative, greedy tokens identical (two turns on one cache), and each rank
+    reads at most the trunk plus its half of the routed experts (counted, and measured by the OS)."""
+    import edge_ds
+
+    path = models[kind, quant]
+    out = tmp_path / "rank0.json"
+    procs = launch(tmp_path, [__file__, "parity", str(path), str(out)])
+    ref = workload(edge_ds.load(path))  # the single-process run, meanwhile
+    results = finish(procs)
+    for r, (code, _, err) in enumerate(results):
+        assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
+    got = json.loads(out.read_text())
+    logits = np.load(str(out) + ".npy")
+    rel = np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max()
+    assert rel < 1e-5, rel
+    assert got["first"] == ref["first"] and len(got["first"]) == GREEDY
+    assert got["second"] == ref["second"]
+
+    b = got["bytes"]
+    share = b["routed_total"] // 2
+    for row in b["per_rank"]:
+        assert row["experts"] == share, row  # exactly its half, counted by the reader
+        # The OS's count of bytes read while loading: trunk + its half, plus headers and config.
+        if row["os_read"] >= 0:
+            assert row["os_read"] <= row["trunk"] + share + 256 * 1024, (row, b)
+            assert row["os_read"] < row["trunk"] + b["routed_total"], (row, b)
+
+
+def test_non_dividing_model_is_refused_before_reading(models, tmp_path):
+    """n_routed_experts 3 over 2 ranks: both ranks refuse from config.json alone (the directory
+    has no weights, so any read would fail differently)."""
+    d = tmp_path / "odd"
+    d.mkdir()
+    cfg = json.loads((models["v3", "none"] / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, n_routed_experts=3, n_group=1, topk_group=1)))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((models["v3", "none"] / name).read_bytes())
+    results = finish(launch(tmp_path, [__file__, "parity", str(d), str(tmp_path / "x.json")]), timeout=30)
+    for r, (code, _, err) in enumerate(results):
+        assert code != 0
+        assert "n_routed_experts = 3 does not divide over 2 ranks" in err, err[-2000:]
+
+
+def test_dead_rank_stops_rank_0_with_a_clear_error(models, tmp_path):
+    procs = launch(tmp_path, [__file__, "loop", str(models["v3", "4bit"]), "-"])
+    try:
+        line = procs[0].stdout.readline()
+        assert line.strip() == "ready", procs[0].stderr.read()[-2000:]
+        time.sleep(0.5)  # mid-forward, most likely
+        procs[1].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        code = procs[0].wait(timeout=30)
+        took = time.monotonic() - start
+        err = procs[0].stderr.read()
+    finally:
+        for p in procs:
+            p.kill()
+    assert code == 1
+    assert took < 30
+    lines = [l for l in err.splitlines() if l.startswith("edge-ds:")]
+    assert len(lines) == 1, err[-2000:]
+    assert "rank 0: lost the connection to rank 1 (127.0.0.1:" in lines[0], lines
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:4])
