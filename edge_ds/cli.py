@@ -171,13 +171,28 @@ def expert_options(f):
 @click.option("--group-size", type=int, default=None, help="Quantization group size (4bit/8bit: 32, 64, 128).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="bfloat16",
               show_default=True, help="Type of unquantized weights and of scales.")
-def convert(src, dst, quant, group_size, dtype):
+@click.option("--onnx/--no-onnx", "with_onnx", default=None,
+              help="Also write an onnxruntime export (4-bit, block 32) beside the MLX weights. Default: yes where "
+                   "MLX has no Metal (off Apple Silicon), where the export is the faster backend.")
+def convert(src, dst, quant, group_size, dtype, with_onnx):
     """Convert a Hugging Face or DeepSeek-V4 release checkpoint (BF16, FP8, FP4 experts) in SRC to an MLX
     model in DST."""
     from converters.mlx import convert as run
+    from converters.onnx import add_onnx_export, not_exportable
+    from edge_ds.config import ModelConfig
 
+    why_not = not_exportable(ModelConfig.load(src))
+    if with_onnx and why_not:
+        raise EdgeDSError(f"--onnx: {why_not}")
     with progress_bar("converting") as progress:
         out = run(src, dst, quant=quant, group_size=group_size, dtype=dtype, progress=progress)
+    if with_onnx is None and not backends.apple_silicon() and not why_not:
+        with_onnx = True
+        click.echo("this machine runs MLX on its CPU, where onnxruntime is faster: adding an ONNX export "
+                   "(--no-onnx skips it; --backend mlx still runs the MLX weights)", err=True)
+    if with_onnx:
+        with progress_bar("exporting") as progress:
+            add_onnx_export(src, out, progress=progress)
     click.echo(f"wrote {out}", err=True)
 
 
@@ -504,9 +519,9 @@ def perplexity(model_dir, text_file, window, as_json, backend, backend_options):
 def parity(ref, candidates, text_file, windows, window, as_json, backend_options):
     """How far each candidate build is from a reference build, on the same token windows.
 
-    REF runs on the torch backend (the datacenter numerics; --gemm fp8 by default) unless written
-    BACKEND:DIR. Each CAND is a directory (an ONNX export runs on onnx, mlx-lm weights on mlx, a
-    Hugging Face checkpoint on torch) or BACKEND[,key=value...]:DIR, e.g. torch,gemm=bf16:DIR.
+    REF and each CAND is a directory, run on the backend its files call for (a Hugging Face
+    checkpoint on torch, the datacenter numerics, with --gemm fp8 by default for REF; an ONNX
+    export on onnx; mlx-lm weights on mlx), or BACKEND[,key=value...]:DIR, e.g. torch,gemm=bf16:DIR.
     With no arguments: the shipped model's FP8 build against its shipped builds."""
     from .parity import default_comparison, default_text_path, format_table, open_model, parse_spec
     from .parity import parity as measure
@@ -517,7 +532,7 @@ def parity(ref, candidates, text_file, windows, window, as_json, backend_options
         if not candidates:
             raise EdgeDSError("give at least one CAND to compare with REF")
         options = {"gemm": "fp8", **backend_options}
-        ref_spec = parse_spec(ref, "torch", **options)
+        ref_spec = parse_spec(ref, None, **options)
         cand_specs = [parse_spec(c, None, **backend_options) for c in candidates]
     text_path = Path(text_file) if text_file else default_text_path()
     try:
