@@ -770,8 +770,8 @@ class Server(HTTPServer):
         self.limits = limits = limits or Limits()
         self.model_id = model_id
         self.quiet = quiet
-        if api_key is not None and (not api_key or not api_key.isprintable() or not api_key.isascii()):
-            raise EdgeDSError("the API key must be a non-empty string of printable ASCII characters")
+        if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):  # a Bearer token's characters
+            raise EdgeDSError("the API key must be a non-empty string of printable ASCII characters, no spaces")
         # Only a digest is kept: comparing digests takes the same time whatever the key's length.
         self._key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.fingerprint = f"edge-ds-{lm.fingerprint}"

@@ -131,12 +131,13 @@ def detect(chat_template: str | None, has_token) -> ToolFormat | None:
     """The tool-call format of a model, from its chat template and vocabulary (`has_token(text)`),
     or None when it writes none that edge-ds reads."""
     template = chat_template or ""
-    if KimiFormat.section_begin in template or has_token(KimiFormat.section_begin):
-        return KimiFormat()
-    if DeepSeekFormat.section_begin in template or has_token(DeepSeekFormat.section_begin):
-        # V3/R1's template writes the arguments in a ```json fence; V3.1's writes them bare.
-        fenced = "```json" in template
-        return DeepSeekFormat(v31=not fenced and DeepSeekFormat.sep in template)
+    # The template first (it writes the calls of earlier turns), the vocabulary only without it.
+    for found in (lambda t: t in template, has_token):
+        if found(KimiFormat.section_begin):
+            return KimiFormat()
+        if found(DeepSeekFormat.section_begin):
+            # V3/R1's template writes the arguments in a ```json fence; V3.1's writes them bare.
+            return DeepSeekFormat(v31="```json" not in template and DeepSeekFormat.sep in template)
     return None
 
 

@@ -1,0 +1,350 @@
+"""Tool calls: the parsers on outputs written from each published format (whole, streamed at every
+split point, malformed), and the server's round trip with a scripted model (a fake backend that
+answers a given token sequence) behind DeepSeek V3/R1-, V3.1- and Kimi-K2-style chat templates."""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+
+from edge_ds.api import LanguageModel
+from edge_ds.cache import PromptCache
+from edge_ds.server import make_server
+from edge_ds.tokenizer import Tokenizer
+from edge_ds.tool_calls import DeepSeekFormat, KimiFormat, ToolCallParser, detect
+
+# --- recorded outputs, written from the published formats ----------------------------------------
+
+V3 = ("Let me look that up.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+      "```json\n{\"city\": \"Paris\", \"unit\": \"celsius\"}\n```<｜tool▁call▁end｜>\n"
+      "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n{\"zone\": \"CET\"}\n```<｜tool▁call▁end｜>"
+      "<｜tool▁calls▁end｜>")
+V31 = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Paris\", \"unit\": "
+       "\"celsius\"}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{\"zone\": \"CET\"}"
+       "<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
+KIMI = ("I'll check. <|tool_calls_section_begin|> <|tool_call_begin|>functions.get_weather:0"
+        "<|tool_call_argument_begin|>{\"city\": \"Paris\", \"unit\": \"celsius\"}<|tool_call_end|> "
+        "<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{\"zone\": \"CET\"}<|tool_call_end|> "
+        "<|tool_calls_section_end|>")
+CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"zone": "CET"})]
+RECORDED = [(DeepSeekFormat(v31=False), V3, "Let me look that up."), (DeepSeekFormat(v31=True), V31, ""),
+            (KimiFormat(), KIMI, "I'll check. ")]
+
+
+def parse(fmt, pieces, **kw) -> tuple[str, list]:
+    p = ToolCallParser(fmt, **kw)
+    events = [e for piece in pieces for e in p.feed(piece)] + p.finish()
+    content = "".join(v for k, v in events if k == "content")
+    calls = [v for k, v in events if k == "call"]
+    assert calls == p.calls
+    return content, calls
+
+
+@pytest.mark.parametrize("fmt, text, content", RECORDED, ids=["v3", "v3.1", "kimi"])
+def test_recorded_output_parses_whole(fmt, text, content):
+    got, calls = parse(fmt, [text])
+    assert got == content
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == CALLS
+    if isinstance(fmt, KimiFormat):  # Kimi's own ids, which its template writes back
+        assert [c.id for c in calls] == ["functions.get_weather:0", "functions.get_time:1"]
+    else:
+        assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+
+
+@pytest.mark.parametrize("fmt, text, content", RECORDED, ids=["v3", "v3.1", "kimi"])
+def test_every_split_point_and_every_chunk_size_give_the_same(fmt, text, content):
+    want = [(c.name, c.arguments) for c in parse(fmt, [text])[1]]
+    for i in range(len(text) + 1):
+        got, calls = parse(fmt, [text[:i], text[i:]])
+        assert (got, [(c.name, c.arguments) for c in calls]) == (content, want), i
+    for size in (1, 2, 3, 5, 7):
+        got, calls = parse(fmt, [text[i:i + size] for i in range(0, len(text), size)])
+        assert (got, [(c.name, c.arguments) for c in calls]) == (content, want), size
+    rng = random.Random(0)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), 6))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert parse(fmt, pieces)[0] == content
+
+
+def test_content_is_streamed_not_held_to_the_end():
+    p = ToolCallParser(KimiFormat())
+    assert p.feed("In the beginning ") == [("content", "In the beginning ")]
+    assert p.feed("<|tool_calls") == []  # could be the section token: held
+    assert p.feed("x") == [("content", "<|tool_callsx")]  # was not
+
+
+@pytest.mark.parametrize("fmt, text", [
+    (DeepSeekFormat(v31=True), "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+    (DeepSeekFormat(v31=False), "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather {}"
+                                "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),  # no fence, and a space in the name
+    (DeepSeekFormat(v31=True), "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜><｜tool▁sep｜>{}<｜tool▁call▁end｜>"),
+    (DeepSeekFormat(v31=True), "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": "),
+    (DeepSeekFormat(v31=True), "<｜tool▁calls▁begin｜>just words<｜tool▁calls▁end｜>"),
+    (KimiFormat(), "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0{}<|tool_call_end|>"),
+    (KimiFormat(), "<|tool_calls_section_begin|><|tool_call_begin|>functions.get weather:0"
+                   "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>"),
+    (KimiFormat(), "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+                   "<|tool_call_argument_begin|>{\"city\""),
+])
+def test_malformed_calls_come_back_as_content_word_for_word(fmt, text):
+    for pieces in ([text], list(text)):
+        content, calls = parse(fmt, pieces)
+        assert calls == [] and content == text
+
+
+def test_a_malformed_call_beside_good_ones_and_arguments_as_written():
+    bad = "<｜tool▁call▁begin｜>oops<｜tool▁call▁end｜>"
+    text = V31.replace("<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time", "<｜tool▁call▁end｜>" + bad
+                       + "<｜tool▁call▁begin｜>get_time")
+    content, calls = parse(DeepSeekFormat(v31=True), [text])
+    assert [c.name for c in calls] == ["get_weather", "get_time"] and content == bad
+    # Arguments are passed on as the model wrote them, valid JSON or not (OpenAI does the same).
+    text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{city: Paris<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+    assert parse(DeepSeekFormat(v31=True), [text])[1][0].arguments == "{city: Paris"
+
+
+def test_random_garbage_never_raises():
+    rng = random.Random(1)
+    alphabet = ["<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>",
+                "<｜tool▁calls▁end｜>", "<|tool_calls_section_begin|>", "<|tool_call_begin|>",
+                "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>", "function",
+                "f", "functions.f:0", "\n```json\n", "```", "{}", " ", "<", "｜", "x"]
+    for fmt in (DeepSeekFormat(True), DeepSeekFormat(False), KimiFormat()):
+        for _ in range(300):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+            content, calls = parse(fmt, [text[i:i + 3] for i in range(0, len(text), 3)])
+            assert len(content) <= len(text)
+
+
+def test_parallel_false_keeps_the_first_call():
+    assert [c.name for c in parse(KimiFormat(), [KIMI], parallel=False)[1]] == ["get_weather"]
+
+
+def test_detect_from_template_then_vocabulary():
+    none = lambda t: False  # noqa: E731
+    assert isinstance(detect("... <|tool_calls_section_begin|> ...", none), KimiFormat)
+    assert detect("<｜tool▁calls▁begin｜>{{ c.type }}<｜tool▁sep｜>{{ c.function.name }}\n```json\n", none).v31 is False
+    assert detect("<｜tool▁calls▁begin｜>{{ name }}<｜tool▁sep｜>{{ args }}", none).v31 is True
+    assert detect("no tools here", none) is None
+    assert isinstance(detect("plain", lambda t: t == "<｜tool▁calls▁begin｜>"), DeepSeekFormat)
+
+
+# --- the round trip through the server, with a scripted model ------------------------------------
+
+MARKERS = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+           "<｜tool▁sep｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<|tool_calls_section_begin|>",
+           "<|tool_calls_section_end|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
+           "<|im_end|>"]
+_MSGS = ("{% for m in messages %}{% if m.role == 'user' %}<|User|>{{ m.content }}"
+         "{% elif m.role == 'assistant' %}<|Assistant|>{{ m.content or '' }}{% if m.tool_calls %}CALLS{% endif %}</s>"
+         "{% elif m.role == 'tool' %}TOOL{% endif %}{% endfor %}{% if add_generation_prompt %}<|Assistant|>{% endif %}")
+_TOOLS = ("{% if tools %}## Tools{% for t in tools %}\n### {{ t.function.name }}\nParameters: "
+          "{{ t.function.parameters | tojson }}{% endfor %}\n{% endif %}")
+# Chat templates modeled on the published ones: how each writes earlier calls and tool results.
+TEMPLATES = {
+    "v3": _TOOLS + _MSGS.replace("CALLS", "<｜tool▁calls▁begin｜>{% for c in m.tool_calls %}<｜tool▁call▁begin｜>"
+                                 "{{ c.type }}<｜tool▁sep｜>{{ c.function.name }}\n```json\n{{ c.function.arguments }}"
+                                 "\n```<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>").replace(
+        "TOOL", "<｜tool▁output▁begin｜>{{ m.content }}<｜tool▁output▁end｜>"),
+    "v3.1": _TOOLS + _MSGS.replace("CALLS", "<｜tool▁calls▁begin｜>{% for c in m.tool_calls %}<｜tool▁call▁begin｜>"
+                                   "{{ c.function.name }}<｜tool▁sep｜>{{ c.function.arguments }}<｜tool▁call▁end｜>"
+                                   "{% endfor %}<｜tool▁calls▁end｜>").replace(
+        "TOOL", "<｜tool▁output▁begin｜>{{ m.content }}<｜tool▁output▁end｜>"),
+    "kimi": _TOOLS + _MSGS.replace("CALLS", "<|tool_calls_section_begin|>{% for c in m.tool_calls %}"
+                                   "<|tool_call_begin|>{{ c.id }}<|tool_call_argument_begin|>{{ c.function.arguments }}"
+                                   "<|tool_call_end|>{% endfor %}<|tool_calls_section_end|>").replace(
+        "TOOL", "## Return of {{ m.tool_call_id }}\n{{ m.content }}<|im_end|>"),
+}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path_factory.mktemp("tok")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                  special_tokens=["<s>", "</s>", "<|User|>", "<|Assistant|>", *MARKERS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([V3, V31, KIMI, "What is the weather in Paris? It is sunny, 21 degrees."] * 20, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    return d / "tokenizer.json"
+
+
+class ScriptedBackend:
+    """Answers each generation with the tokens of `script` (then EOS), and records the prompts."""
+
+    name = "scripted"
+    device = "cpu"
+    experts = None
+
+    def __init__(self, vocab: int, eos: int):
+        self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=4096, to_dict=lambda: {"v": vocab})
+        self.eos = eos
+        self.script: list[int] = []
+        self.prompts: list[list[int]] = []
+        self._step = 0
+
+    def make_cache(self) -> PromptCache:
+        return PromptCache(1)
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+    def peak_memory_bytes(self) -> int:
+        return 0
+
+    def __call__(self, tokens: mx.array, cache: PromptCache | None = None) -> mx.array:
+        ids = tokens.tolist()[0]
+        if cache is not None:
+            if cache[0].offset == 0:  # a new generation (the server runs without its prompt cache here)
+                self.prompts.append(ids)
+                self._step = 0
+            cache[0].update_and_fetch(mx.zeros((1, 1, len(ids), 1)))
+        nxt = self.script[self._step] if self._step < len(self.script) else self.eos
+        self._step += 1
+        logits = mx.zeros((1, len(ids), self.config.vocab_size))
+        return logits + mx.eye(self.config.vocab_size)[nxt] * 100.0
+
+
+@pytest.fixture(params=["v3", "v3.1", "kimi"])
+def scripted(request, tokenizer_json, tmp_path):
+    import shutil
+
+    shutil.copy(tokenizer_json, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATES[request.param]}), encoding="utf-8")
+    tok = Tokenizer.load(tmp_path)
+    backend = ScriptedBackend(tok.vocab_size, tok.eos_ids[0])
+    srv = make_server(LanguageModel(backend, tok, tmp_path), "127.0.0.1", 0, quiet=True, prompt_cache=False)
+    srv.start()
+    yield SimpleNamespace(kind=request.param, srv=srv, tok=tok, backend=backend,
+                          say=lambda text: setattr(backend, "script", tok.encode(text, add_bos=False)))
+    srv.close()
+
+
+def post(srv, body: dict) -> tuple[int, dict | list]:
+    req = urllib.request.Request(srv.url + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            if body.get("stream"):
+                return r.status, [json.loads(line[6:]) for line in (raw.decode().strip() for raw in r)
+                                  if line.startswith("data: ") and line != "data: [DONE]"]
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def answer(kind: str) -> str:
+    return {"v3": V3, "v3.1": V31, "kimi": KIMI}[kind]
+
+
+def test_tools_go_through_the_template_and_calls_come_back(scripted):
+    scripted.say(answer(scripted.kind))
+    status, out = post(scripted.srv, {"messages": USER, "tools": TOOLS, "max_tokens": 200})
+    assert status == 200, out
+    prompt = scripted.tok.decode(scripted.backend.prompts[-1], skip_special=False)
+    assert "### get_weather" in prompt and '"city"' in prompt  # the template rendered the tools
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    msg = choice["message"]
+    want_content = {"v3": "Let me look that up.", "v3.1": None, "kimi": "I'll check. "}[scripted.kind]
+    assert msg["role"] == "assistant" and msg["content"] == want_content  # null when the answer is only calls
+    calls = msg["tool_calls"]
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("function", n, a) for n, a in CALLS]
+    assert len({c["id"] for c in calls}) == 2
+
+
+def test_streamed_tool_call_deltas(scripted):
+    scripted.say(answer(scripted.kind))
+    status, chunks = post(scripted.srv, {"messages": USER, "tools": TOOLS, "max_tokens": 200, "stream": True})
+    assert status == 200
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert "<" not in content  # no marker leaks into the text
+    # Accumulate as OpenAI clients do: by index, the first delta of a call brings id and name.
+    acc: dict[int, dict] = {}
+    for d in deltas:
+        for tc in d.get("tool_calls", []):
+            entry = acc.setdefault(tc["index"], {"id": tc.get("id"), "name": "", "arguments": ""})
+            entry["name"] += tc.get("function", {}).get("name") or ""
+            entry["arguments"] += tc.get("function", {}).get("arguments") or ""
+    assert [(e["name"], json.loads(e["arguments"])) for e in acc.values()] == CALLS
+    assert all(e["id"] for e in acc.values())
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tool_results_are_fed_back_through_the_template(scripted):
+    scripted.say("It is sunny in Paris.")
+    call_id = "functions.get_weather:0" if scripted.kind == "kimi" else "call_abc"
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "sunny, 21 degrees"}]
+    status, out = post(scripted.srv, {"messages": messages, "tools": TOOLS, "max_tokens": 50})
+    assert status == 200, out
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny in Paris."}
+    assert out["choices"][0]["finish_reason"] == "stop"
+    prompt = scripted.tok.decode(scripted.backend.prompts[-1], skip_special=False)
+    fmt = scripted.tok.tool_format
+    assert fmt.section_begin in prompt and "get_weather" in prompt and '{"city": "Paris"}' in prompt
+    assert "sunny, 21 degrees" in prompt
+    if scripted.kind == "kimi":
+        assert "## Return of functions.get_weather:0" in prompt
+
+
+def test_tool_choice_forces_a_call(scripted):
+    fmt = scripted.tok.tool_format
+    assert fmt.name == {"v3": "deepseek_v3", "v3.1": "deepseek_v3.1", "kimi": "kimi_k2"}[scripted.kind]
+    # The model continues from the forced prefix: only the arguments and the closing tokens.
+    rest = {"v3": "{\"zone\": \"CET\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+            "v3.1": "{\"zone\": \"CET\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+            "kimi": "0<|tool_call_argument_begin|>{\"zone\": \"CET\"}<|tool_call_end|><|tool_calls_section_end|>"}
+    scripted.say(rest[scripted.kind])
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    for stream in (False, True):
+        status, out = post(scripted.srv, {"messages": USER, "tools": TOOLS, "tool_choice": choice, "stream": stream})
+        assert status == 200, out
+        prompt = scripted.tok.decode(scripted.backend.prompts[-1], skip_special=False)
+        assert prompt.endswith(fmt.forced_prefix("get_time"))
+        if not stream:
+            calls = out["choices"][0]["message"]["tool_calls"]
+            assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("get_time", '{"zone": "CET"}')]
+            assert out["choices"][0]["message"]["content"] is None
+    # tool_choice "none": the tools are not rendered and markers are not parsed
+    scripted.say("Plain words.")
+    status, out = post(scripted.srv, {"messages": USER, "tools": TOOLS, "tool_choice": "none"})
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "Plain words."}
+    assert "### get_weather" not in scripted.tok.decode(scripted.backend.prompts[-1], skip_special=False)
+
+
+def test_malformed_model_output_is_content_not_an_error(scripted):
+    fmt = scripted.tok.tool_format
+    broken = f"Oops {fmt.section_begin}{fmt.call_begin}get_weather no separator"
+    scripted.say(broken)
+    for stream in (False, True):
+        status, out = post(scripted.srv, {"messages": USER, "tools": TOOLS, "stream": stream})
+        assert status == 200
+        if stream:
+            assert "".join(c["choices"][0]["delta"].get("content") or "" for c in out) == broken
+            assert out[-1]["choices"][0]["finish_reason"] == "stop"
+        else:
+            assert out["choices"][0]["message"] == {"role": "assistant", "content": broken}
+            assert out["choices"][0]["finish_reason"] == "stop"
