@@ -283,9 +283,15 @@ def fp8_ckpt(tmp_path_factory):
     cfg = json.loads((root / "float" / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(cfg, quantization_config=FP8_QUANT_CONFIG)))
 
-    # The oracle model: transformers with the loop-dequantized weights (fused experts by hand).
-    state = {k: torch.from_numpy(deq.get(k, v).copy()) for k, v in original.items()}
-    oracle = make_hf_model("v3", seed=21, **FP8_DIMS)
+    # The oracle model: transformers with the loop-dequantized weights.
+    oracle = oracle_model("v3", {k: deq.get(k, v) for k, v in original.items()}, **FP8_DIMS)
+    return oracle, src, deq, root / "float"
+
+
+def oracle_model(kind: str, tensors: dict[str, np.ndarray], **dims):
+    """A transformers model of `kind` holding checkpoint tensors (per-expert names fused by hand)."""
+    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}
+    model = make_hf_model(kind, seed=0, **dims)
     fused = {}
     for name in list(state):
         if ".mlp.experts." in name:
@@ -296,8 +302,8 @@ def fp8_ckpt(tmp_path_factory):
         state[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
             [torch.cat([by_e[e]["gate_proj"], by_e[e]["up_proj"]]) for e in sorted(by_e)])
         state[f"{prefix}.mlp.experts.down_proj"] = torch.stack([by_e[e]["down_proj"] for e in sorted(by_e)])
-    oracle.load_state_dict(state, strict=True)
-    return oracle.eval(), src, deq, root / "float"
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def test_fp8_checkpoint_dequantized_matches_oracle(fp8_ckpt):
@@ -369,6 +375,39 @@ def test_write_fp8_checkpoint_is_deepseeks_layout(fp8_ckpt, tmp_path):
     # the independently written dir differs only in bf16 (not float32) embeddings, norms and head
     theirs = torch_backend.load(src, device="cpu", gemm="fp8", dtype="float32")(TOKENS)
     assert max_rel(mine, theirs) < 0.05 and (mine.argmax(-1) == theirs.argmax(-1)).mean() > 0.9
+
+
+def test_v32_fp8_build_indexer_included(tiny, tmp_path):
+    """V3.2 in DeepSeek's FP8 layout (write_fp8_checkpoint: the indexer's wq_b and wk FP8 too):
+    gemm bf16 equals transformers on the loop-dequantized tensors; gemm fp8 runs the indexer's
+    projections as FP8 linears."""
+    from safetensors import safe_open
+
+    from edge_ds.datacenter import FP8Linear, write_fp8_checkpoint
+
+    _, d = tiny("v32")
+    dst = write_fp8_checkpoint(d, tmp_path / "v32_fp8")
+    index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    stored = {}
+    for shard in set(index.values()):
+        with safe_open(str(dst / shard), "pt") as f:
+            stored.update({n: f.get_tensor(n) for n in f.keys()})
+    tensors = {n: (dequant_loop(t.view(torch.uint8).numpy().view(FP8), stored[n + "_scale_inv"].numpy())
+                   if t.dtype == torch.float8_e4m3fn else t.float().numpy())
+               for n, t in stored.items() if not n.endswith("_scale_inv")}
+    assert any(n.endswith("indexer.wq_b.weight") for n in tensors) and "model.layers.1.self_attn.indexer.wq_b.weight_scale_inv" in index
+    assert "model.layers.1.self_attn.indexer.weights_proj.weight_scale_inv" not in index
+    from tiny_models import STYLES
+
+    dims = {k: v for k, v in STYLES["v32"].items() if k != "model_type"}
+    oracle = oracle_model("v32", tensors, **dims)
+    lm = torch_backend.load(dst, device="cpu", gemm="bf16", dtype="float32")
+    assert np.abs(lm(TOKENS) - hf_logits(oracle, TOKENS)).max() < 1e-4
+    fp8 = torch_backend.load(dst, device="cpu", gemm="fp8", dtype="float32")
+    assert isinstance(fp8.model.model.layers[1].self_attn.indexer.wq_b, FP8Linear)
+    assert not isinstance(fp8.model.model.layers[1].self_attn.indexer.weights_proj, FP8Linear)
+    got = fp8(TOKENS)
+    assert np.isfinite(got).all() and (got.argmax(-1) == lm(TOKENS).argmax(-1)).mean() > 0.8
 
 
 def fp8_oracle_linear(weight: np.ndarray):

@@ -101,10 +101,11 @@ FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynami
 
 def is_fp8_target(name: str, shape: tuple) -> bool:
     """DeepSeek's FP8 tensors: the 2-D projection weights of the decoder layers (attention, dense
-    MLP, shared and routed experts, MTP). Not embeddings, head, norms, the router (`mlp.gate`) or
-    its correction bias, nor V3.2's indexer weights_proj."""
+    MLP, shared and routed experts, MTP) and V3.2's indexer wq_b and wk. Not embeddings, head,
+    norms, the router (`mlp.gate`) or its correction bias, nor the indexer's weights_proj."""
     return (len(shape) == 2 and name.startswith("model.layers.")
-            and name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and not name.endswith("weights_proj.weight"))
+            and name.endswith(("_proj.weight", "_proj_with_mqa.weight", ".indexer.wq_b.weight", ".indexer.wk.weight"))
+            and not name.endswith("weights_proj.weight"))
 
 
 def write_fp8_checkpoint(src: str | Path, dst: str | Path, shard_bytes: int = 2 * 10**9,
