@@ -67,8 +67,9 @@ class Quant:
 
 
 def convert(src: str | Path, dst: str | Path, quant: str = "4bit", group_size: int | None = None,
-            dtype: str = "bfloat16", progress: Progress | None = None) -> Path:
-    """Converts SRC into a new directory DST; SRC is only read."""
+            dtype: str = "bfloat16", progress: Progress | None = None, onnx: bool = False) -> Path:
+    """Converts SRC into a new directory DST; SRC is only read. onnx: also export SRC to onnxruntime
+    into DST (converters.onnx.add_onnx_export), inside the same all-or-nothing write."""
     src, dst = Path(src), Path(dst)
     q = Quant.parse(quant, group_size)
     if dtype not in DTYPES:
@@ -115,6 +116,10 @@ def convert(src: str | Path, dst: str | Path, quant: str = "4bit", group_size: i
                 out_cfg["quantization_config"] = block
             out_cfg["torch_dtype"] = dtype
             (tmp / layout.CONFIG_FILE).write_text(json.dumps(out_cfg, indent=2))
+            if onnx:
+                from .onnx import add_onnx_export
+
+                add_onnx_export(src, tmp, progress)
     finally:
         ckpt.close()
     return dst

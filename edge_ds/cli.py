@@ -171,13 +171,25 @@ def expert_options(f):
 @click.option("--group-size", type=int, default=None, help="Quantization group size (4bit/8bit: 32, 64, 128).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="bfloat16",
               show_default=True, help="Type of unquantized weights and of scales.")
-def convert(src, dst, quant, group_size, dtype):
+@click.option("--onnx/--no-onnx", "with_onnx", default=None,
+              help="Also write an onnxruntime export (4-bit, block 32) beside the MLX weights. Default: yes where "
+                   "MLX has no Metal (off Apple Silicon), where the export is the faster backend.")
+def convert(src, dst, quant, group_size, dtype, with_onnx):
     """Convert a Hugging Face or DeepSeek-V4 release checkpoint (BF16, FP8, FP4 experts) in SRC to an MLX
     model in DST."""
     from converters.mlx import convert as run
+    from converters.onnx import not_exportable
+    from edge_ds.config import ModelConfig
 
+    why_not = not_exportable(ModelConfig.load(src))
+    if with_onnx and why_not:
+        raise EdgeDSError(f"--onnx: {why_not}")
+    if with_onnx is None and not backends.apple_silicon() and not why_not:
+        with_onnx = True
+        click.echo("this machine runs MLX on its CPU, where onnxruntime is faster: an ONNX export goes beside "
+                   "the MLX weights (--no-onnx skips it; --backend mlx still runs the MLX weights)", err=True)
     with progress_bar("converting") as progress:
-        out = run(src, dst, quant=quant, group_size=group_size, dtype=dtype, progress=progress)
+        out = run(src, dst, quant=quant, group_size=group_size, dtype=dtype, progress=progress, onnx=bool(with_onnx))
     click.echo(f"wrote {out}", err=True)
 
 

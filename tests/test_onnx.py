@@ -450,3 +450,35 @@ def test_info_and_expert_budget_on_an_onnx_export(lm_dir, monkeypatch):
         edge_ds.load(lm_dir, expert_budget="50%")
     r = subprocess.run([sys.executable, "-m", "edge_ds.cli", "info", str(lm_dir)], capture_output=True, text=True)
     assert r.returncode == 0 and "backend: " in r.stdout, r.stderr
+
+
+def test_convert_adds_the_fast_backend_off_apple_silicon(lm_dir, tmp_path):
+    """`edge-ds convert` on a machine without Metal (this one) writes the ONNX export beside the MLX
+    weights, and loading picks it with no flag; `--backend mlx` and lazy experts still run the MLX
+    weights; --no-onnx writes MLX only."""
+    from edge_ds import backends
+
+    assert not backends.apple_silicon()  # CI and these machines: MLX on its CPU
+    src = lm_dir.parent / "hf"
+    both, mlx_only = tmp_path / "both", tmp_path / "mlx"
+    for dst, extra in ((both, []), (mlx_only, ["--no-onnx"])):
+        r = subprocess.run([sys.executable, "-m", "edge_ds.cli", "convert", str(src), str(dst), *extra],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert (both / "onnx.json").is_file() and not (mlx_only / "onnx.json").exists()
+    assert not list(both.glob(".onnx-export-*"))  # the staging directory is gone
+    lm = edge_ds.load(both)
+    assert lm.backend.name == "onnx" and "onnx export" in lm.backend_reason
+    assert edge_ds.load(mlx_only).backend.name == "mlx"
+    assert edge_ds.load(both, backend="mlx").backend.name == "mlx"
+    assert edge_ds.load(both, expert_budget="50%").backend.name == "mlx"
+    prompt = lm.tokenizer.encode("the quick brown fox")
+    ours = edge_ds.load(both).generate(prompt, max_tokens=5)
+    assert ours.stats.generation_tokens + (ours.stats.finish_reason == "stop") >= 1
+
+
+def test_convert_refuses_onnx_for_a_model_without_a_graph(zoo, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edge_ds.cli", "convert", str(zoo.hf("v32").path), str(tmp_path / "o"),
+                        "--onnx"], capture_output=True, text=True)
+    assert r.returncode != 0 and "deepseek_v32" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

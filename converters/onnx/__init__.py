@@ -1,5 +1,5 @@
 """Hugging Face DeepSeek checkpoint -> ONNX graph for onnxruntime (MatMulNBits, QMoE, latent cache)."""
 
-from .export import MANIFEST, export_onnx
+from .export import MANIFEST, add_onnx_export, export_onnx, not_exportable
 
-__all__ = ["MANIFEST", "export_onnx"]
+__all__ = ["MANIFEST", "add_onnx_export", "export_onnx", "not_exportable"]

@@ -10,6 +10,8 @@ one float tensor. Everything is written into a hidden temporary directory rename
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import onnx
@@ -30,6 +32,37 @@ EXTERNAL_DATA = "model.onnx.data"
 EXTERNAL_ABOVE = 1 << 30  # protobuf caps a file at 2 GB; go external well before
 
 
+def not_exportable(cfg: ModelConfig) -> str | None:
+    """Why the ONNX graph cannot express this model, or None when it can."""
+    if cfg.attention_bias:
+        return "attention_bias is true, but the ONNX graph has no attention biases, so this model cannot be exported to ONNX"
+    if cfg.model_type == "deepseek_v4":
+        return ("model_type deepseek_v4 (compressed attention, hyper-connections, hash-routed experts) has no ONNX "
+                "graph; run it with the mlx backend (`edge-ds convert` makes its MLX directory)")
+    if cfg.sparse_attention:
+        return ("model_type deepseek_v32 uses DeepSeek sparse attention (a Lightning Indexer choosing index_topk rows "
+                "per query), which the ONNX graph does not have yet; run this model with the mlx backend")
+    return None
+
+
+def add_onnx_export(src: str | Path, dst: str | Path, progress: Progress | None = None, **options) -> Path:
+    """Adds an ONNX export of SRC to DST, a model directory converted from it (its config and tokenizer
+    serve both; converters.mlx.convert calls this on its staging directory): model.onnx (and its
+    data) first, onnx.json last, so the onnx backend sees the export only once it is whole.
+    options: export_onnx's."""
+    src, dst = Path(src), Path(dst)
+    part = dst / f".onnx-export-{os.getpid()}"
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        export_onnx(src, part, progress=progress, **options)
+        for name in (MODEL, EXTERNAL_DATA, MANIFEST):  # the manifest last
+            if (part / name).is_file():
+                (part / name).replace(dst / name)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return dst
+
+
 def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, accuracy_level: int = 4,
                 progress: Progress | None = None) -> Path:
     """Exports SRC into a new directory DST; SRC is only read."""
@@ -42,17 +75,9 @@ def export_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int
         raise OptionError("accuracy_level", f"{{option}} must be 0 or 4, got {accuracy_level}")
     check_paths(src, dst)
     cfg = ModelConfig.load(src)
-    if cfg.attention_bias:
-        raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: attention_bias is true, but the ONNX graph has no "
-                          f"attention biases, so this model cannot be exported to ONNX")
-    if cfg.model_type == "deepseek_v4":
-        raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: model_type deepseek_v4 (compressed attention, hyper-connections, "
-                          "hash-routed experts) has no ONNX graph; run it with the mlx backend "
-                          "(`edge-ds convert` makes its MLX directory)")
-    if cfg.sparse_attention:
-        raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: model_type deepseek_v32 uses DeepSeek sparse attention "
-                          "(a Lightning Indexer choosing index_topk rows per query), which the ONNX graph does not "
-                          "have yet; run this model with the mlx backend")
+    why_not = not_exportable(cfg)
+    if why_not:
+        raise EdgeDSError(f"{src}/{layout.CONFIG_FILE}: {why_not}")
     quant = BlockQuant(bits, block_size, accuracy_level)
 
     ckpt = Checkpoint(src)

@@ -30,11 +30,17 @@ def default_backend(directory: Path) -> str:
     return why_default(directory)[0]
 
 
+def apple_silicon() -> bool:
+    """Where MLX runs on Metal with unified memory: there it is the fast backend. Elsewhere MLX runs
+    on its CPU backend, and an onnxruntime export of the same model is several times faster."""
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
 def why_default(directory: Path) -> tuple[str, str]:
     """(backend, why): MLX on Apple Silicon (Metal, unified memory). Elsewhere a backend whose own
     export the directory holds (an onnxruntime export: its 4-bit CPU kernels are far faster than
     MLX's CPU backend), else MLX."""
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
+    if apple_silicon():
         return DEFAULT, "Apple Silicon: Metal and unified memory"
     for name in names():
         if name != DEFAULT and importlib.import_module(f"{__name__}.{name}").detect(directory):
