@@ -1,6 +1,7 @@
 """Terminal chat with an OpenAI-compatible server (`edge-ds serve`), standard library only.
 
     python apps/chat_client.py --url http://127.0.0.1:8080
+    EDGE_DS_API_KEY=KEY python apps/chat_client.py      # a server started with --api-key
 
 Replies stream in as they are generated; the whole conversation is sent each turn (the server
 reuses its prompt cache for the part it has seen). /reset starts over, /exit (or Ctrl-D)
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -31,11 +33,14 @@ def base_url(url: str) -> str:
     return url[:-3] if url.endswith("/v1") else url
 
 
-def stream_chat(url: str, messages: list[dict], **options) -> Iterator[str]:
-    """Yields the reply's text pieces as the server streams them (options: max_tokens, temperature...)."""
+def stream_chat(url: str, messages: list[dict], *, api_key: str | None = None, **options) -> Iterator[str]:
+    """Yields the reply's text pieces as the server streams them (options: max_tokens, temperature...);
+    api_key is sent as `Authorization: Bearer` (a server started with --api-key needs it)."""
     body = json.dumps({"messages": messages, "stream": True, **options}).encode()
-    request = urllib.request.Request(f"{base_url(url)}/v1/chat/completions", body,
-                                     {"Content-Type": "application/json", "Accept": "text/event-stream"})
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(f"{base_url(url)}/v1/chat/completions", body, headers)
     try:
         response = urllib.request.urlopen(request)
     except urllib.error.HTTPError as e:
@@ -78,7 +83,7 @@ def _read_line(stdin: TextIO, stdout: TextIO) -> str:
 
 
 def chat_loop(url: str, options: dict, system: str | None = None, stdin: TextIO = sys.stdin,
-              stdout: TextIO = sys.stdout) -> int:
+              stdout: TextIO = sys.stdout, api_key: str | None = None) -> int:
     """Reads user lines from stdin and prints the streamed replies; returns an exit status."""
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     messages = list(history)
@@ -98,7 +103,7 @@ def chat_loop(url: str, options: dict, system: str | None = None, stdin: TextIO 
             continue
         messages.append({"role": "user", "content": text})
         reply = ""
-        pieces = stream_chat(url, messages, **options)
+        pieces = stream_chat(url, messages, api_key=api_key, **options)
         try:
             for piece in pieces:
                 reply += piece
@@ -125,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per reply at most (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: %(default)s)")
     parser.add_argument("--model", default=None, help="model name to send (the server answers with its model)")
+    parser.add_argument("--api-key", default=os.environ.get("EDGE_DS_API_KEY"),
+                        help="the server's API key (default: $EDGE_DS_API_KEY; a flag shows in the process list)")
     args = parser.parse_args(argv)
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.model:
         options["model"] = args.model
-    return chat_loop(args.url, options, args.system)
+    return chat_loop(args.url, options, args.system, api_key=args.api_key)
 
 
 if __name__ == "__main__":

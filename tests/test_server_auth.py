@@ -127,3 +127,18 @@ def test_cli_takes_the_key_from_the_environment():
     finally:
         p.kill()
         p.communicate()
+
+
+def test_chat_client_app_sends_the_key(server):
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[1] / "apps" / "chat_client.py"
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_DS_API_KEY"}
+    args = [sys.executable, str(app), "--url", server.url, "--temperature", "0", "--max-tokens", "4"]
+    without = subprocess.run(args, input="In the beginning\n/exit\n", capture_output=True, text=True,
+                             timeout=60, env=env)
+    assert "error: You didn't provide an API key" in without.stdout
+    for extra, environ in ((["--api-key", KEY], env), ([], {**env, "EDGE_DS_API_KEY": KEY})):
+        out = subprocess.run(args + extra, input="In the beginning\n/exit\n", capture_output=True, text=True,
+                             timeout=60, env=environ)
+        assert out.returncode == 0 and "error" not in out.stdout and out.stdout.strip(">\n "), out
