@@ -45,8 +45,17 @@ def test_load_without_path_is_the_shipped_model(lm):
 
 
 def test_repository_copy_is_small():
+    """The 4-bit MLX weights (~14 MB) and their onnxruntime export (~17 MB, the fast path off Apple
+    Silicon), the recipe and its data."""
     files = [p for p in MODEL.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 25e6
+    assert sum(p.stat().st_size for p in files) < 35e6
+
+
+def test_default_backend_off_apple_silicon_is_the_shipped_onnx_export(lm):
+    from edge_ds.backends import apple_silicon
+
+    assert (MODEL / "onnx.json").is_file()
+    assert lm.backend.name == ("mlx" if apple_silicon() else "onnx")
 
 
 def test_validation_perplexity_of_4bit_is_within_5_percent_of_float(lm):

@@ -31,7 +31,7 @@ SAMPLE_PROMPTS = [
 ]
 TEST_WINDOWS = 12  # tests/test_default_model.py scores this many validation windows (a quick CI check)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
-               "tokenizer_config.json")
+               "tokenizer_config.json", "model.onnx", "onnx.json")  # the ONNX export: the fast path off Apple Silicon
 
 
 def float_subset_perplexity(work: Path, log: dict) -> float:
@@ -59,7 +59,8 @@ def convert_all(work: Path) -> dict[str, Path]:
         dst = work / name
         if dst.exists():
             shutil.rmtree(dst)
-        convert(work / "hf", dst, quant=quant, group_size=group, dtype=dtype, progress=False)
+        # The shipped build carries its onnxruntime export too, made from the float weights.
+        convert(work / "hf", dst, quant=quant, group_size=group, dtype=dtype, progress=False, onnx=name == SHIPPED)
         out[name] = dst
     return out
 
@@ -73,7 +74,7 @@ def evaluate(dirs: dict[str, Path], window: int) -> dict:
     text = corpus.VALIDATION.read_text(encoding="utf-8")
     report: dict = {"perplexity": {}, "size_bytes": {}, "bits_per_weight": {}}
     for name, d in dirs.items():
-        lm = edge_ds.load(d)
+        lm = edge_ds.load(d, backend="mlx")
         t = time.time()
         result = perplexity(lm, text, window)
         report["perplexity"][name] = result.perplexity
@@ -84,6 +85,7 @@ def evaluate(dirs: dict[str, Path], window: int) -> dict:
         print(f"{name}: validation perplexity {result.perplexity:.3f} ({result.tokens} tokens, "
               f"{time.time() - t:.1f} s), {info['size_on_disk_bytes'] / 1e6:.1f} MB", flush=True)
         if name == SHIPPED:
+            report["perplexity_onnx"] = perplexity(edge_ds.load(d, backend="onnx"), text, window).perplexity
             report["info"] = info
             report["bench"] = run_bench(lm, 128, 64, 5)
             report["samples"] = [
@@ -119,6 +121,10 @@ def write_readme(report: dict, log: dict) -> None:
     rows = "\n".join(
         f"| {name} | {ppl[name]:.3f} | {100 * (ppl[name] / f32 - 1):+.2f}% | {report['bits_per_weight'][name]} | "
         f"{report['size_bytes'][name] / 1e6:.1f} MB |" for name in QUANTS)
+    if "perplexity_onnx" in report:
+        onnx = report["perplexity_onnx"]
+        rows += (f"\n| 4bit, its onnxruntime export (block 32; the default backend off Apple Silicon) | {onnx:.3f} | "
+                 f"{100 * (onnx / f32 - 1):+.2f}% | | (same directory) |")
     balance = log["validation_load_max_over_mean"]
     samples = "\n\n".join(f"**{s['prompt']}**{s['continuation']}" if s["continuation"][:1] in " ,.;:" else
                           f"**{s['prompt']}** {s['continuation']}" for s in report["samples"])
