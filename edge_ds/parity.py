@@ -64,21 +64,24 @@ def parse_spec(spec: str, default_backend: str | None = None, **default_options)
 
 
 def guess_backend(path: Path) -> str | None:
-    """onnx for an export, mlx for mlx-lm weights, torch for a Hugging Face checkpoint (None: load()'s
-    default, which also says what is wrong with a directory that is none of these)."""
-    if (path / ONNX_MANIFEST).is_file():
-        return "onnx"
-    if not (path / "config.json").is_file():
-        return None
-    try:
-        with Checkpoint(path) as ckpt:
-            tensor_names = ckpt.names()
-    except EdgeDSError:
-        return None
+    """onnx for an export, mlx for mlx-lm weights, torch for a Hugging Face checkpoint; None (load()'s
+    default choice) for a directory with both an export and mlx-lm weights, or one that is none
+    of these (load() then says what is wrong with it)."""
+    onnx = (path / ONNX_MANIFEST).is_file()
+    names: list[str] = []
+    if (path / "config.json").is_file():
+        try:
+            with Checkpoint(path) as ckpt:
+                names = ckpt.names()
+        except EdgeDSError:
+            names = []
     mlx_names = (".switch_mlp.", ".embed_q.", ".unembed_out.", ".scales")
-    if any(any(s in n for s in mlx_names) for n in tensor_names):
+    mlx = any(any(s in n for s in mlx_names) for n in names)
+    if onnx:
+        return None if mlx else "onnx"
+    if mlx:
         return "mlx"
-    return "torch" if "torch" in backend_names() else None
+    return "torch" if names and "torch" in backend_names() else None
 
 
 FP8_BUILD = DEFAULT_MODEL + "-fp8"  # the shipped model's datacenter build (DeepSeek's FP8 layout)
@@ -87,14 +90,16 @@ ONNX_BUILD = DEFAULT_MODEL + "-onnx"
 
 def default_comparison(**options) -> tuple[ModelSpec, list[ModelSpec]]:
     """`edge-ds parity` with no arguments: the shipped model's FP8 build on torch (gemm fp8) against
-    its shipped MLX build and, when present, its ONNX export."""
+    its shipped MLX build and, when present, its ONNX export (beside the MLX weights or apart)."""
     root = resources_dir()
     fp8 = root / FP8_BUILD
     if not (fp8 / "config.json").is_file():
         raise EdgeDSError(f"{fp8}: no datacenter build of the shipped model here; give REF and CAND")
     cands = [ModelSpec(root / DEFAULT_MODEL, "mlx")]
-    if (root / ONNX_BUILD / ONNX_MANIFEST).is_file():
-        cands.append(ModelSpec(root / ONNX_BUILD, "onnx"))
+    for onnx in (root / DEFAULT_MODEL, root / ONNX_BUILD):  # the export beside the MLX weights, or apart
+        if (onnx / ONNX_MANIFEST).is_file():
+            cands.append(ModelSpec(onnx, "onnx"))
+            break
     return ModelSpec(fp8, "torch", {"gemm": "fp8", **options}), cands
 
 

@@ -154,3 +154,18 @@ def test_shipped_model_same_weights_on_two_runtimes(tmp_path):
     fp8 = edge_ds.load(write_fp8_checkpoint(float_dir, tmp_path / "fp8"), backend="torch", device="cpu", gemm="fp8")
     moved = parity(fp8, [shipped], TEXT, window=64, windows=2).candidates[0]
     assert 1e-5 < moved.kl_mean < 0.05 and moved.top1_agreement > 0.9
+
+
+def test_guess_backend(dirs, tmp_path):
+    from edge_ds.parity import guess_backend
+
+    assert guess_backend(dirs["hf"]) == "torch" and guess_backend(dirs["mlx4"]) == "mlx"
+    assert guess_backend(tmp_path) is None  # nothing there: load() says what is missing
+    both = tmp_path / "both"
+    shutil.copytree(dirs["mlx4"], both)
+    (both / "onnx.json").write_text("{}")
+    assert guess_backend(both) is None  # an export beside mlx-lm weights: load()'s default choice
+    (tmp_path / "onnx_only").mkdir()
+    shutil.copy(dirs["mlx4"] / "config.json", tmp_path / "onnx_only" / "config.json")
+    (tmp_path / "onnx_only" / "onnx.json").write_text("{}")
+    assert guess_backend(tmp_path / "onnx_only") == "onnx"
