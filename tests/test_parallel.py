@@ -48,20 +48,21 @@ def workload(lm) -> dict:
     return {"logits": lm.logits(TOKENS), "first": first, "second": second}
 
 
-def worker(mode: str, model: str, out: str) -> None:
+def worker(mode: str, model: str, out: str, budget: str = "-") -> None:
     """One rank (run as a script under the ring environment)."""
     import edge_ds
     from edge_ds.parallel import run
 
     if mode == "loop":
         run.FATAL = True  # as `python -m edge_ds` does
-    lm = edge_ds.load(model, parallel="expert")  # ranks > 0 never return
+    lm = edge_ds.load(model, parallel="expert", expert_budget=None if budget == "-" else budget)  # ranks > 0 never return
     if mode == "parity":  # the checks, then the same model behind the HTTP server until stdin closes
         from edge_ds.server import make_server
 
         got = workload(lm)
         np.save(out + ".npy", got.pop("logits"))
         got["bytes"] = lm.backend.bytes_read
+        got["slots"] = lm.experts.slots if lm.experts is not None else 0
         Path(out).write_text(json.dumps(got))
         server = make_server(lm, "127.0.0.1", 0, quiet=True)
         server.start()
@@ -143,17 +144,20 @@ def test_plan_refuses_models_that_do_not_divide():
         expert_plan(cfg, 0, 16)
 
 
-@pytest.mark.parametrize("kind,quant", [("v3", "none"), ("v3", "4bit"), ("v2lite", "none"), ("v2lite", "4bit")])
-def test_two_ranks_match_one_process(models, kind, quant, tmp_path):
+@pytest.mark.parametrize("kind,quant,budget", [("v3", "none", "-"), ("v3", "4bit", "-"), ("v2lite", "none", "-"),
+                                               ("v2lite", "4bit", "50%")])
+def test_two_ranks_match_one_process(models, kind, quant, budget, tmp_path):
     """Logits to 1e-5 relative, greedy tokens identical (two turns on one cache), each rank reads
     at most the trunk plus its half of the routed experts (counted, and measured by the OS); on
-    the V3 4-bit model, `serve` under 2 ranks answers chat completions as one process does."""
+    the V3 4-bit model, `serve` under 2 ranks answers chat completions as one process does. The
+    V2 4-bit run uses lazy experts with a per-rank budget (50% of the rank's half) against the
+    resident single-process model."""
     import edge_ds
     from edge_ds.server import make_server
 
     path = models[kind, quant]
     out = tmp_path / "rank0.json"
-    procs = launch(tmp_path, [__file__, "parity", str(path), str(out)], stdin=subprocess.PIPE)
+    procs = launch(tmp_path, [__file__, "parity", str(path), str(out), budget], stdin=subprocess.PIPE)
     try:
         lm = edge_ds.load(path)  # the single-process run, meanwhile
         ref = workload(lm)
@@ -188,6 +192,10 @@ def test_two_ranks_match_one_process(models, kind, quant, tmp_path):
     b = got["bytes"]
     share = b["routed_total"] // 2
     assert share > SLACK  # so that reading the other rank's experts too would fail the bound
+    if budget != "-":  # lazy: nothing but the trunk read at load; the cache holds half of the rank's experts
+        assert b["expert_cache"] <= share // 2 and got["slots"] == (16 // 2) * 2 // 2, (b, got["slots"])  # its 8 experts x 2 MoE layers, halved
+        assert all(row["experts"] == 0 and 0 <= row["os_read"] <= row["trunk"] + SLACK for row in b["per_rank"])
+        return
     for row in b["per_rank"]:
         assert row["experts"] == share, row  # exactly its half, counted by the reader
         # The OS's count of bytes read while loading: trunk + its half, plus headers and config.
@@ -261,4 +269,4 @@ def test_dead_rank_stops_rank_0_with_a_clear_error(models, tmp_path):
 
 
 if __name__ == "__main__":
-    worker(*sys.argv[1:4])
+    worker(*sys.argv[1:5])

@@ -57,9 +57,9 @@ def open_parallel(directory: Path, mode: str, experts=None):
     rank, size = group.rank(), group.size()
     if size == 1:
         return None
-    if experts is not None:
-        raise OptionError("expert_budget", "{option} does not combine with --parallel yet (each rank holds its "
-                                           "whole expert share resident)")
+    if experts is not None and (experts.trace is not None or experts.prefetch):
+        raise OptionError("trace" if experts.trace is not None else "prefetch",
+                          "{option} does not combine with parallel yet (a rank sees only its own experts)")
     cfg = ModelConfig.load(directory)
     plan = expert_plan(cfg, rank, size)  # refuse before reading weights
     if not has_weights(directory):
@@ -68,11 +68,19 @@ def open_parallel(directory: Path, mode: str, experts=None):
 
     counter = [0]
     before = os_read_bytes()
-    model = load_model(directory, expert_ids=plan.owned, counter=counter)
-    measured = os_read_bytes() - before if before >= 0 else -1
+    if experts is None:
+        model = load_model(directory, expert_ids=plan.owned, counter=counter)
+        measured = os_read_bytes() - before if before >= 0 else -1
+        cache = None
+    else:  # lazy experts: the trunk now, this rank's experts on demand under its own budget
+        from .lazy import attach_shard
+
+        model = load_model(directory, routed_experts=False)
+        measured = os_read_bytes() - before if before >= 0 else -1
+        cache = attach_shard(model, directory, plan.owned, experts.budget, experts.policy, experts.page_cache)
     expert.install(model, plan, group)
-    wire(model)
-    inner = MLXBackend(model)
+    wire(model, cache.slots * cache.store.expert_bytes if cache is not None else 0)
+    inner = MLXBackend(model, cache)
     with Checkpoint(directory, WEIGHTS_GLOB) as ckpt:
         trunk = sum(ckpt.info(n).nbytes for n in ckpt.names() if not is_routed_expert(n))
         routed = sum(ckpt.info(n).nbytes for n in ckpt.names() if is_routed_expert(n))
@@ -88,6 +96,7 @@ def open_parallel(directory: Path, mode: str, experts=None):
         if row[4] != fingerprint:
             link.fail(f"rank {rank}: {describe(r)} loaded a different config.json than this rank's {directory}")
     inner.bytes_read = {"experts": counter[0], "trunk": trunk, "routed_total": routed, "os_read": measured,
+                        "expert_cache": cache.slots * cache.store.expert_bytes if cache is not None else 0,
                         "per_rank": [dict(rank=r, experts=row[0], trunk=row[1], os_read=row[3])
                                      for r, row in enumerate(rows)]}
     if rank == 0:
