@@ -17,9 +17,10 @@ def test_registry_lists_the_backend_modules():
     assert {"mlx", "onnx"} <= set(backends.names())
 
 
-def test_mlx_backend_implements_the_protocol():
-    lm = edge_ds.load()
-    assert isinstance(lm.backend, Backend) and lm.backend.name == "mlx"
+@pytest.mark.parametrize("name", ["mlx", "onnx"])
+def test_shipped_backends_implement_the_protocol(name):
+    lm = edge_ds.load(backend=name)  # the shipped model carries both
+    assert isinstance(lm.backend, Backend) and lm.backend.name == name
     assert lm.experts is None and lm.new_cache().offset == 0
 
 
