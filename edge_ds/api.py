@@ -191,11 +191,11 @@ class LanguageModel:
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None,
                seed: int | None = None, stop: Sequence[str] = (), chat_template: bool | None = None,
                cache: PromptCache | None = None, logprobs: int | None = None,
-               skip_special: bool = True) -> TextStream:
+               keep_special: Sequence[str] = ()) -> TextStream:
         """Generates text chunk by chunk (max_tokens None: up to the end of the context window).
         Pass a PromptCache to reuse it across calls. logprobs=k (0 or more) records each token's
         log-probability and the k most likely alternatives in `stream.logprobs` (TokenLogprob).
-        skip_special=False keeps special tokens other than EOS in the text (tool-call markers)."""
+        keep_special: special tokens to keep in the text (tool-call markers); others are dropped."""
         opts = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
         if logprobs is not None:
@@ -211,7 +211,7 @@ class LanguageModel:
         stats = GenerationStats()
         stream = TextStream(iter(()), stats)
         stream._chunks = self._chunks(ids, cache, sampler, opts, stats, stream.tokens, stream._cancel,
-                                      logprobs, stream.logprobs, skip_special)
+                                      logprobs, stream.logprobs, frozenset(keep_special))
         return stream
 
     def generate(self, prompt: Prompt, **options) -> Generation:
@@ -227,9 +227,10 @@ class LanguageModel:
     def _chunks(self, ids: list[int], cache: PromptCache, sampler: Sampler, opts: SamplingOptions,
                 stats: GenerationStats, tokens_out: list[int], cancel: threading.Event,
                 logprobs: int | None = None, logprobs_out: list[TokenLogprob] | None = None,
-                skip_special: bool = True) -> Iterator[str]:
+                keep_special: frozenset[str] = frozenset()) -> Iterator[str]:
         _on_mlx_thread()
-        detok = self.tokenizer.detokenizer(skip_special)
+        tok = self.tokenizer
+        detok = tok.detokenizer(skip_special=not keep_special)
         eos = set(self.tokenizer.eos_ids)
         stops = list(opts.stop)
         pending = ""  # text held back because it might begin a stop string
@@ -247,7 +248,9 @@ class LanguageModel:
                     stats.finish_reason = "stop"
                     break
                 tokens_out.append(t)
-                piece = detok.add(t)
+                # With keep_special the detokenizer keeps special tokens; those not asked for are dropped here.
+                dropped = bool(keep_special) and tok.is_special(t) and tok.decode([t], False) not in keep_special
+                piece = "" if dropped else detok.add(t)
                 if logprobs_out is not None and raw:
                     raw[-1].offset = produced
                     logprobs_out.append(raw[-1])

@@ -440,7 +440,7 @@ class Handler(BaseHTTPRequestHandler):
             if tools.choice != "auto":  # "required" or a named function: the answer starts inside a call
                 prefix = fmt.forced_prefix(tools.name)
             parser = ToolCallParser(fmt, tools.parallel, prefix)
-            options["skip_special"] = False  # the tool-call markers are special tokens
+            options["keep_special"] = fmt.tokens  # the tool-call markers are special tokens; others stay out
         job = Job(prompt, chat_template=chat, options=options, tools=tools.tools if tools else None, prefix=prefix)
         self.server.worker.submit(job)  # Busy (429) when the queue is full
         try:

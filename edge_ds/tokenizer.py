@@ -596,6 +596,14 @@ class Tokenizer:
 
     # --- tools ---
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether decoding drops this token by default (a special token: BOS, EOS, chat markers...)."""
+        cache = self.__dict__.setdefault("_is_special", {})
+        if token_id not in cache:
+            cache[token_id] = (self._backend.decode([token_id], True) == ""
+                               and self._backend.decode([token_id], False) != "")
+        return cache[token_id]
+
     def token_id(self, text: str) -> int | None:
         """The id of a token spelt `text` (a special token's content), or None if it has none."""
         return self._backend.token_to_id(text)

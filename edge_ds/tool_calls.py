@@ -46,6 +46,12 @@ class ToolFormat:
     call_end = ""
 
     @property
+    def tokens(self) -> tuple[str, ...]:
+        """Every special token of the format (kept in the generated text for the parser)."""
+        return tuple(t for t in (self.section_begin, self.section_end, self.call_begin, self.call_end,
+                                 getattr(self, "sep", ""), getattr(self, "arg_begin", "")) if t)
+
+    @property
     def starts(self) -> tuple[str, ...]:
         """Text that opens the tool-call part of an answer (a bare call_begin too: models drop the
         section token now and then)."""

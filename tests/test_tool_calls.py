@@ -348,3 +348,11 @@ def test_malformed_model_output_is_content_not_an_error(scripted):
         else:
             assert out["choices"][0]["message"] == {"role": "assistant", "content": broken}
             assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_other_special_tokens_stay_out_of_the_text(scripted):
+    """With tools the markers must reach the parser, but no other special token may reach the client."""
+    scripted.say("Hello<|User|> there<|Assistant|>")
+    for body in ({"messages": USER, "tools": TOOLS}, {"messages": USER}):
+        status, out = post(scripted.srv, body)
+        assert status == 200 and out["choices"][0]["message"]["content"] == "Hello there", out
