@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TOKENS = np.random.default_rng(7).integers(2, 300, (2, 24))  # logits batch
+TOKENS = np.random.default_rng(7).integers(2, 300, (2, 24))  # logits batch (V4: its first row)
 PROMPT = [int(t) for t in np.random.default_rng(8).integers(2, 300, 12)]
 GREEDY = 64
 # Routed experts large enough that a rank reading them all would exceed its bound below.
@@ -40,12 +40,13 @@ def workload(lm) -> dict:
     from edge_ds.generate import GenerationStats, generate_tokens
     from edge_ds.sampling import make_sampler
 
+    tokens = TOKENS[:1] if lm.config.model_type == "deepseek_v4" else TOKENS  # V4's uncached forward takes batch 1
     greedy = make_sampler(0.0)
     cache = lm.new_cache()
     first = list(generate_tokens(lm.backend, PROMPT, cache, greedy, GREEDY, GenerationStats()))
     again = PROMPT + first[:8] + [5]
     second = list(generate_tokens(lm.backend, again, cache, greedy, 16, GenerationStats()))
-    return {"logits": lm.logits(TOKENS), "first": first, "second": second}
+    return {"logits": lm.logits(tokens), "first": first, "second": second}
 
 
 def worker(mode: str, model: str, out: str, budget: str = "-") -> None:
@@ -86,11 +87,13 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def launch(tmp: Path, args: list[str], size: int = 2, **popen) -> list[subprocess.Popen]:
+def launch(tmp: Path, args: list[str], size: int = 2, extra_env: dict | None = None,
+           **popen) -> list[subprocess.Popen]:
     """`size` ranks of `python args...` with mlx.launch's ring environment."""
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(size)]))
     env = dict(os.environ, MLX_HOSTFILE=str(hostfile), PYTHONPATH=str(ROOT), EDGE_DS_PARALLEL_TIMEOUT="20")
+    env.update(extra_env or {})
     return [subprocess.Popen([sys.executable, *args], env=dict(env, MLX_RANK=str(r)), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
             for r in range(size)]
@@ -266,6 +269,50 @@ def test_dead_rank_stops_rank_0_with_a_clear_error(models, tmp_path):
     lines = [l for l in err.splitlines() if l.startswith("edge-ds:")]
     assert len(lines) == 1, err[-2000:]
     assert "rank 0: lost the connection to rank 1 (127.0.0.1:" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_hung_rank_stops_rank_0_after_the_timeout(models, tmp_path):
+    """A rank that stops answering without closing its sockets (SIGSTOP): the watchdog ends rank 0
+    after EDGE_DS_PARALLEL_TIMEOUT seconds with one line naming the rank."""
+    procs = launch(tmp_path, [__file__, "loop", str(models["v3", "4bit"]), "-"],
+                   extra_env={"EDGE_DS_PARALLEL_TIMEOUT": "4"})
+    try:
+        assert procs[0].stdout.readline().strip() == "ready", procs[0].stderr.read()[-2000:]
+        procs[1].send_signal(signal.SIGSTOP)
+        code = procs[0].wait(timeout=30)
+        err = procs[0].stderr.read()
+    finally:
+        for p in procs:
+            p.kill()
+    assert code == 1
+    assert "rank 0: no answer from rank 1 (127.0.0.1:" in err and "for 4 s" in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_deepseek_v4_expert_parallel(tmp_path):
+    """V4 (V4MoE is a models.moe.MoE: the same hook): 4-bit, logits and greedy tokens as one process."""
+    import edge_ds
+    from converters.mlx import convert
+    from tests.test_api import add_tokenizer
+    from tests.tiny_v4 import make_v4, save_v4
+
+    hf = save_v4(make_v4("a", vocab_size=300), tmp_path / "hf")
+    path = convert(hf, tmp_path / "q4", quant="4bit", dtype="float32")
+    add_tokenizer(path, 300)
+    out = tmp_path / "rank0.json"
+    procs = launch(tmp_path, [__file__, "parity", str(path), str(out)], stdin=subprocess.PIPE)
+    try:
+        ref = workload(edge_ds.load(path))
+        assert procs[0].stdout.readline().strip().isdigit(), procs[0].stderr.read()[-3000:]
+    finally:
+        procs[0].stdin.close()
+    for r, (code, _, err) in enumerate(finish(procs)):
+        assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
+    got = json.loads(out.read_text())
+    logits = np.load(str(out) + ".npy")
+    assert np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max() < 1e-5
+    assert got["first"] == ref["first"] and got["second"] == ref["second"]
 
 
 if __name__ == "__main__":
