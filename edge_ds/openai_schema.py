@@ -248,6 +248,15 @@ def check_fields(body: dict, chat: bool) -> None:
         raise RequestError(f"Unrecognized request arguments supplied: {', '.join(unknown)}")
 
 
+def _call_chars(calls: Any) -> int:
+    """Characters of text in an assistant message's tool_calls (names and arguments); 0 for anything else."""
+    if not isinstance(calls, list):
+        return 0
+    fns = [c.get("function") for c in calls if isinstance(c, dict)]
+    return sum(len(v) for fn in fns if isinstance(fn, dict) for v in (fn.get("name"), fn.get("arguments"))
+               if isinstance(v, str))
+
+
 def check_prompt_size(prompt: str | list, max_chars: int, context: int, param: str) -> None:
     """Refuse, before tokenizing it, a text prompt (or messages) of more than max_chars characters,
     which cannot fit a context window of `context` tokens."""
@@ -255,8 +264,7 @@ def check_prompt_size(prompt: str | list, max_chars: int, context: int, param: s
         n = len(prompt)
     elif isinstance(prompt, list):  # messages, or token ids (no text: the runtime counts them)
         n = sum(len(m["content"]) for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str))
-        n += sum(len(c["function"]["arguments"]) + len(c["function"]["name"]) for m in prompt
-                 if isinstance(m, dict) for c in m.get("tool_calls") or ())
+        n += sum(_call_chars(m.get("tool_calls")) for m in prompt if isinstance(m, dict))
     else:
         raise RequestError(f"'{param}' must be text, token ids or messages", param)
     if n > max_chars:

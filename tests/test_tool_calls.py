@@ -356,3 +356,53 @@ def test_other_special_tokens_stay_out_of_the_text(scripted):
     for body in ({"messages": USER, "tools": TOOLS}, {"messages": USER}):
         status, out = post(scripted.srv, body)
         assert status == 200 and out["choices"][0]["message"]["content"] == "Hello there", out
+
+
+# --- the request side: tools, tool_choice, tool messages -------------------------------------------
+
+def test_tool_request_fields_fuzzed_raise_only_request_errors():
+    """Any JSON in any tool-related place is one RequestError naming its field, never another exception."""
+    from edge_ds import openai_schema as s
+
+    rng = random.Random(2)
+    atoms = [None, True, 0, -1, 1.5, 10 ** 30, "", "x", "auto", "none", "required", "function", "a b", [], {},
+             [1], {"a": 1}, {"type": "function"}, {"name": "f"}, "\ud800"]
+
+    def value(depth: int = 0):
+        r = rng.random()
+        if depth > 2 or r < 0.5:
+            return rng.choice(atoms)
+        if r < 0.75:
+            return [value(depth + 1) for _ in range(rng.randrange(3))]
+        return {k: value(depth + 1) for k in rng.sample(["type", "function", "name", "arguments", "id",
+                                                          "parameters", "description"], rng.randrange(4))}
+
+    good_tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    good_call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for _ in range(3000):
+        body = {"tools": rng.choice([value(), [good_tool, value()], [good_tool]]),
+                "tool_choice": rng.choice([value(), "required", {"type": "function", "function": {"name": value()}}]),
+                "parallel_tool_calls": value(), "logprobs": value(), "top_logprobs": value()}
+        messages = [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": value(), "tool_calls": rng.choice([value(), [good_call, value()]])},
+                    {"role": "tool", "content": rng.choice(["r", value()]), "tool_call_id": value(), "name": value()}]
+        for call in (lambda: s.parse_tools(body), lambda: s.parse_logprobs(body, True),
+                     lambda: s.parse_logprobs(body, False), lambda: s.parse_messages(messages),
+                     lambda: s.check_prompt_size(messages, 10 ** 6, 10, "messages")):
+            try:
+                call()
+            except s.RequestError as e:
+                root = (e.param or "").split("[")[0].split(".")[0]
+                assert e.message and root in e.message, e.message
+
+
+def test_tool_messages_reach_the_template_as_templates_read_them():
+    from edge_ds.openai_schema import parse_messages
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}
+    out = parse_messages([{"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call_1", "name": "f", "content": [{"type": "text", "text": "2"}]}])
+    # content None with calls: DeepSeek's templates test `content is none` to write the calls
+    assert out[0] == out[1] == {"role": "assistant", "content": None, "tool_calls": [call]}
+    assert out[2] == {"role": "tool", "content": "2", "tool_call_id": "call_1", "name": "f"}
