@@ -171,6 +171,15 @@ class LanguageModel:
         out = self.backend(mx.array(tokens.astype(np.int32)))
         return np.array(out.astype(mx.float32))
 
+    def check_ids(self, ids: list[int]) -> list[int]:
+        """ids, unless one is outside the model's vocabulary: the model would read past its
+        embedding (a tokenizer of another model in the directory)."""
+        bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise EdgeDSError(f"{self.path}: token id {bad} is outside the model's vocabulary "
+                              f"(vocab_size {self.config.vocab_size}); is the tokenizer this model's?")
+        return ids
+
     def encode_prompt(self, prompt: Prompt, chat_template: bool | None = None,
                       tools: list[dict] | None = None) -> list[int]:
         """Token ids for a prompt: ids as given; messages through the chat template; a string
@@ -203,7 +212,7 @@ class LanguageModel:
                     f"None or an integer in [0, {self.config.vocab_size}]", logprobs)
         sampler = make_sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p)
         set_seed(opts.seed)
-        ids = self.encode_prompt(prompt, chat_template)
+        ids = self.check_ids(self.encode_prompt(prompt, chat_template))
         if opts.max_tokens is None:
             # At least 1, so that a full window is reported like any other over-long prompt.
             opts = replace(opts, max_tokens=max(1, self.config.max_position_embeddings - len(ids)))

@@ -60,7 +60,7 @@ def perplexity(lm: LanguageModel, text: str, window: int = 256, batch: int = 8,
     if window + 1 > limit:
         raise OptionError("window", f"{{option}} ({window}) + 1 tokens exceed the model's max_position_embeddings "
                                     f"({limit}): the largest window is {limit - 1}")
-    ids = lm.tokenizer.encode(text)
+    ids = lm.check_ids(lm.tokenizer.encode(text))
     nll, count = window_nll(lm.backend, split_windows(ids, window), batch, progress)
     if count == 0:
         raise ValueError("text is too short: it must encode to at least two tokens")

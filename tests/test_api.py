@@ -195,3 +195,23 @@ def test_generation_on_a_worker_thread_exits_cleanly():
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "terminate" not in r.stderr, r.stderr[-2000:]
         assert r.stdout.split() == ["1"]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model_dir, tmp_path):
+    """A tokenizer whose ids run past the model's vocabulary (another model's) is an error, not a
+    read past the embedding (which crashed the process)."""
+    import shutil
+
+    from edge_ds.perplexity import perplexity
+
+    small = tmp_path / "small"
+    shutil.copytree(model_dir, small)
+    cfg = json.loads((small / "config.json").read_text())
+    lm = edge_ds.load(small)
+    lm.config.vocab_size = 200  # as if config.json said 200 for a 300-token tokenizer
+    ids = lm.tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    assert max(ids) >= 200 and cfg["vocab_size"] == 300
+    with pytest.raises(edge_ds.EdgeDSError, match="outside the model's vocabulary"):
+        lm.generate("the quick brown fox jumps over the lazy dog", max_tokens=2, chat_template=False)
+    with pytest.raises(edge_ds.EdgeDSError, match="outside the model's vocabulary"):
+        perplexity(lm, "the quick brown fox jumps over the lazy dog " * 4, window=8)
