@@ -34,6 +34,18 @@ def os_read_bytes() -> int:
     return -1
 
 
+def peak_rss() -> int:
+    """The process's peak resident bytes so far (ru_maxrss: KiB on Linux, bytes on macOS), or -1."""
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    except (ImportError, OSError):
+        return -1
+
+
 def open_parallel(directory: Path, mode: str, experts=None):
     """The model in `directory` split over the ranks of mx.distributed.init() by `mode`.
 
@@ -87,7 +99,7 @@ def open_parallel(directory: Path, mode: str, experts=None):
     # Every rank's numbers on every rank (rank 0 reports them), and a check that all ranks
     # loaded the same model: a rank started on another directory or version would compute garbage.
     fingerprint = int.from_bytes(hashlib.sha256((directory / "config.json").read_bytes()).digest()[:6], "little")
-    mine = mx.array([[counter[0], trunk, routed, measured, fingerprint]], mx.int64)
+    mine = mx.array([[counter[0], trunk, routed, measured, fingerprint, peak_rss()]], mx.int64)
     link = run.Link(group)
     table = mx.distributed.all_gather(mine, group=group)
     link.eval(table, what="comparing the loaded models")
@@ -97,7 +109,7 @@ def open_parallel(directory: Path, mode: str, experts=None):
             link.fail(f"rank {rank}: {describe(r)} loaded a different config.json than this rank's {directory}")
     inner.bytes_read = {"experts": counter[0], "trunk": trunk, "routed_total": routed, "os_read": measured,
                         "expert_cache": cache.slots * cache.store.expert_bytes if cache is not None else 0,
-                        "per_rank": [dict(rank=r, experts=row[0], trunk=row[1], os_read=row[3])
+                        "per_rank": [dict(rank=r, experts=row[0], trunk=row[1], os_read=row[3], peak_rss=row[5])
                                      for r, row in enumerate(rows)]}
     if rank == 0:
         driver = run.Driver(inner, link, mode)
