@@ -104,7 +104,7 @@ def test_api_logprobs_ignore_temperature_and_filters_but_see_the_penalty(lm):
 def test_the_normal_decode_path_computes_no_logprobs(lm, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("log-softmax computed without logprobs")
-    monkeypatch.setattr(generate_mod, "_logprob_arrays", refuse)
+    monkeypatch.setattr(generate_mod, "token_logprob", refuse)
     assert lm.generate(PROMPT, max_tokens=6, chat_template=False).text
 
 
