@@ -18,9 +18,10 @@ CHAT = [{"role": "user", "content": "In the beginning God created the heaven and
 TOL = 1e-4  # float32 log-softmax in MLX vs float64 here, on the same logits
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return edge_ds.load()
+@pytest.fixture(scope="module", params=["mlx", "onnx"])
+def lm(request):
+    """The shipped model on each backend that runs it here (its directory holds an ONNX export)."""
+    return edge_ds.load(backend=request.param)
 
 
 @pytest.fixture(scope="module")
