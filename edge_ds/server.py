@@ -15,6 +15,11 @@ connections, handler threads, queued generations, read and idle time) is a field
 past a bound the server answers 503 or 429 with Retry-After instead of resetting or hanging.
 The server keeps one prompt cache, so a request that extends the previous one (the next turn of
 a chat) prefills only the new tokens.
+
+Chat requests may carry tools (rendered by the model's chat template; the model's tool-call output
+is parsed by tool_calls.py into OpenAI tool_calls) and both endpoints logprobs (the model's
+distribution, computed only for requests that ask). With an API key every request but /health must
+carry it (`Authorization: Bearer`), compared in constant time.
 """
 
 from __future__ import annotations
