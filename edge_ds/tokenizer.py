@@ -614,11 +614,14 @@ class Tokenizer:
         DeepSeek V3/R1's published template does not)."""
         if not self.chat_template:
             return False
-        from jinja2 import TemplateError, meta
-        try:
-            return "tools" in meta.find_undeclared_variables(_template_env().parse(self.chat_template))
-        except TemplateError:
-            return False  # the template does not parse; rendering it will say so
+        if "_renders_tools" not in self.__dict__:  # parsed once: templates run to kilobytes
+            from jinja2 import TemplateError, meta
+            try:
+                found = "tools" in meta.find_undeclared_variables(_template_env().parse(self.chat_template))
+            except TemplateError:
+                found = False  # the template does not parse; rendering it will say so
+            self._renders_tools = found
+        return self._renders_tools
 
     @property
     def tool_format(self) -> Any:

@@ -191,3 +191,19 @@ def test_completion_logprobs_legacy_shape(server, lm):
     parts = [c["choices"][0]["logprobs"] for c in streamed if c["choices"][0]["logprobs"]]
     assert sum((p["tokens"] for p in parts), []) == lp["tokens"]
     assert sum((p["text_offset"] for p in parts), []) == lp["text_offset"]
+
+
+def test_streamed_logprobs_with_a_stop_string_match_the_whole_answer(server, lm):
+    full = lm.generate(CHAT, max_tokens=16).text
+    stop = full.split()[4]
+    body = {"messages": CHAT, "max_tokens": 16, "temperature": 0, "logprobs": True, "stop": [stop]}
+    whole = post(server, "/v1/chat/completions", body)["choices"][0]
+    assert whole["message"]["content"] == full[:full.index(stop)] and whole["finish_reason"] == "stop"
+    chunks = post(server, "/v1/chat/completions", {**body, "stream": True})
+    streamed = [e for c in chunks for e in ((c["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert streamed == whole["logprobs"]["content"]
+    # Every token starts inside the answer: one that lies wholly in the stop string is left out (one
+    # that the stop string only ends, " unto" for a stop "unto", keeps its entry).
+    text = whole["message"]["content"].lstrip()
+    assert len("".join(e["token"] for e in streamed[:-1]).lstrip()) < len(text)
+    assert len("".join(e["token"] for e in streamed).lstrip()) <= len(text) + len(stop)
