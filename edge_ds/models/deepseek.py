@@ -79,16 +79,8 @@ class Model(nn.Module):
         MTP module and recomputed tensors are dropped, per-expert tensors stacked into switch_mlp,
         a whole kv_b_proj split into embed_q (its W_UK rows) and unembed_out."""
         cfg = self.config
-        out = {k: v for k, v in weights.items() if not layout.is_mtp(k, cfg) and not layout.is_recomputed(k)}
-        for i in cfg.moe_layers:
-            for proj in layout.EXPERT_PROJS:
-                for part in layout.QUANT_PARTS:
-                    names = [layout.expert_name(i, e, proj, part) for e in range(cfg.n_routed_experts)]
-                    if names[0] in out:
-                        missing = [n for n in names if n not in out]
-                        if missing:
-                            raise EdgeDSError(f"tensor '{missing[0]}' is missing from the checkpoint")
-                        out[layout.stacked_name(i, proj, part)] = mx.stack([out.pop(n) for n in names])
+        out = stack_experts({k: v for k, v in weights.items()
+                             if not layout.is_mtp(k, cfg) and not layout.is_recomputed(k)}, cfg)
         for i in range(cfg.num_hidden_layers):
             attn = f"model.layers.{i}.self_attn"
             embed_q, unembed_out = layout.split_kv_b_names(attn)
@@ -98,6 +90,21 @@ class Model(nn.Module):
                     out[f"{embed_q}.{part}"] = mx.contiguous(w_uk_rows)
                     out[f"{unembed_out}.{part}"] = mx.contiguous(w_uv)
         return out
+
+
+def stack_experts(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.array]:
+    """Per-expert tensors (Hugging Face naming) stacked into each MoE layer's switch_mlp [E, ...];
+    every family's sanitize starts here."""
+    for i in cfg.moe_layers:
+        for proj in layout.EXPERT_PROJS:
+            for part in layout.QUANT_PARTS:
+                names = [layout.expert_name(i, e, proj, part) for e in range(cfg.n_routed_experts)]
+                if names[0] in weights:
+                    missing = [n for n in names if n not in weights]
+                    if missing:
+                        raise EdgeDSError(f"tensor '{missing[0]}' is missing from the checkpoint")
+                    weights[layout.stacked_name(i, proj, part)] = mx.stack([weights.pop(n) for n in names])
+    return weights
 
 
 def build(cfg: ModelConfig, names) -> Model:

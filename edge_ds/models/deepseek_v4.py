@@ -13,8 +13,8 @@ import mlx.nn as nn
 from .. import layout
 from ..cache import PromptCache
 from ..config import DeepseekV4Config
-from ..errors import EdgeDSError
 from .compressor import Compressor, V4LayerCache
+from .deepseek import stack_experts
 from .layers import ExpertLinear, Linear, matmul
 from .moe import MLP, MoE, SwitchGLU
 from .rope import TailRoPE
@@ -263,17 +263,10 @@ class Model(nn.Module):
         (per-expert tensors, or transformers' fused gate_up_proj/down_proj), o_a_proj's rows split
         into its groups [G, o_lora, in]."""
         cfg = self.config
-        out = {k: v for k, v in weights.items() if not layout.is_mtp(k, cfg) and not layout.is_recomputed(k)}
+        out = stack_experts({k: v for k, v in weights.items()
+                             if not layout.is_mtp(k, cfg) and not layout.is_recomputed(k)}, cfg)
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
-            for proj in layout.EXPERT_PROJS:
-                for part in layout.QUANT_PARTS:
-                    names = [layout.expert_name(i, e, proj, part) for e in range(cfg.n_routed_experts)]
-                    if names[0] in out:
-                        missing = [n for n in names if n not in out]
-                        if missing:
-                            raise EdgeDSError(f"tensor '{missing[0]}' is missing from the checkpoint")
-                        out[layout.stacked_name(i, proj, part)] = mx.stack([out.pop(n) for n in names])
             fused = f"{p}.mlp.experts.gate_up_proj"
             if fused in out:  # transformers' own save: [E, 2I, D], gate rows then up rows
                 gate_up = out.pop(fused)
