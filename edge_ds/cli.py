@@ -233,12 +233,13 @@ def _print_stats(stats, lm) -> None:
 
 
 def parallel_option(f):
-    """--parallel expert: the model split over the ranks `mlx.launch` started (README, Several machines),
+    """--parallel expert|pipeline: the model split over the ranks `mlx.launch` started (README, Several machines),
     passed to load() with the `experts` dict (or `backend_options` where a command has no experts)."""
 
-    @click.option("--parallel", type=click.Choice(["expert"]), default=None,
+    @click.option("--parallel", type=click.Choice(["expert", "pipeline"]), default=None,
                   help="Under mlx.launch: split the model over the ranks (expert: routed experts by id, trunk "
-                       "on every rank). Rank 0 prints and serves; one process: a normal load.")
+                       "on every rank; pipeline: layers in stages). Rank 0 prints and serves; one process: a "
+                       "normal load.")
     @functools.wraps(f)
     def wrapper(*args, parallel=None, **kw):
         if parallel is not None:

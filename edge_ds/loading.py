@@ -74,27 +74,69 @@ def read_expert_rows(directory: Path, cfg: ModelConfig, experts: Sequence[int], 
     return out
 
 
+def stage_keep(cfg: ModelConfig, lo: int, hi: int):
+    """keep(name) for a pipeline stage holding decoder layers [lo, hi): its layers' tensors, the
+    embedding on the first stage (and on the last when the head is tied to it), the final norm and
+    head on the last."""
+    first, last = lo == 0, hi == cfg.num_hidden_layers
+
+    def keep(name: str) -> bool:
+        layer = layout.layer_of(name)
+        if layer is not None:
+            return lo <= layer < hi
+        if name.startswith("model.embed_tokens."):
+            return first or (last and cfg.tie_word_embeddings)
+        return last  # model.norm, lm_head
+
+    return keep
+
+
+def prune_to_stage(model: nn.Module, cfg: ModelConfig, lo: int, hi: int) -> None:
+    """Empties what stage_keep leaves unread: decoder layers outside [lo, hi), the embedding, the
+    final norm and the head where the stage has no use for them."""
+    keep = stage_keep(cfg, lo, hi)
+    for i in range(len(model.layers)):
+        if not lo <= i < hi:
+            model.layers[i] = nn.Module()
+    if not keep("model.embed_tokens.weight"):
+        model.model.pop("embed_tokens")
+    if not keep("model.norm.weight"):
+        model.model.pop("norm")
+        if "lm_head" in model:
+            model.pop("lm_head")
+
+
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: bool = True,
-               expert_ids: Sequence[int] | None = None, counter: list[int] | None = None) -> nn.Module:
+               expert_ids: Sequence[int] | None = None, counter: list[int] | None = None,
+               layers: tuple[int, int] | None = None) -> nn.Module:
     """routed_experts=False loads the trunk only: routed-expert tensors are never read and each
     MoE layer is left without `switch_mlp`, for experts.attach_experts to provide.
 
     expert_ids (an expert-parallel rank's share, see edge_ds.parallel) loads only those routed
     experts, by offset reads: each MoE layer's switch_mlp holds len(expert_ids) experts, local id
-    i being global expert expert_ids[i]; counter[0] grows by the expert bytes read."""
+    i being global expert expert_ids[i]; counter[0] grows by the expert bytes read.
+
+    layers=(lo, hi) (a pipeline stage, see edge_ds.parallel.pipeline) reads only decoder layers
+    [lo, hi) and the embedding/head that stage needs (stage_keep); the other layers are left as
+    empty modules, so they hold no memory."""
     directory = Path(path)
     cfg = ModelConfig.load(directory)
     sharded = expert_ids is not None
     keep = (lambda name: True) if routed_experts and not sharded else \
         (lambda name: not layout.is_routed_expert(name))
+    if layers is not None:
+        base, stage = keep, stage_keep(cfg, *layers)
+        keep = lambda name: base(name) and stage(name)  # noqa: E731
     weights = read_weights(directory, keep)
     if any(layout.is_fp8_scale(k) for k in weights):
         raise EdgeDSError(f"{directory}: an FP8 checkpoint; convert it to MLX weights first (edge-ds convert)")
     model = models.build(cfg, weights)
     if sharded:
         weights.update(read_expert_rows(directory, cfg, list(expert_ids), dtype or compute_dtype(), counter))
+    if layers is not None:
+        prune_to_stage(model, cfg, *layers)
     for layer in model.layers:
-        if not isinstance(layer.mlp, MoE):
+        if not isinstance(getattr(layer, "mlp", None), MoE):
             continue
         if not routed_experts:
             layer.mlp.pop("switch_mlp")

@@ -49,14 +49,14 @@ def workload(lm) -> dict:
     return {"logits": lm.logits(tokens), "first": first, "second": second}
 
 
-def worker(mode: str, model: str, out: str, budget: str = "-") -> None:
+def worker(mode: str, model: str, out: str, budget: str = "-", parallel: str = "expert") -> None:
     """One rank (run as a script under the ring environment)."""
     import edge_ds
     from edge_ds.parallel import run
 
     if mode == "loop":
         run.FATAL = True  # as `python -m edge_ds` does
-    lm = edge_ds.load(model, parallel="expert", expert_budget=None if budget == "-" else budget)  # ranks > 0 never return
+    lm = edge_ds.load(model, parallel=parallel, expert_budget=None if budget == "-" else budget)  # ranks > 0 never return
     if mode == "parity":  # the checks, then the same model behind the HTTP server until stdin closes
         from edge_ds.server import make_server
 
@@ -147,24 +147,25 @@ def test_plan_refuses_models_that_do_not_divide():
         expert_plan(cfg, 0, 16)
 
 
-@pytest.mark.parametrize("kind,quant,budget", [("v3", "none", "-"), ("v3", "4bit", "-"), ("v2lite", "none", "-"),
-                                               ("v2lite", "4bit", "50%")])
-def test_two_ranks_match_one_process(models, kind, quant, budget, tmp_path):
+@pytest.mark.parametrize("kind,quant,budget,parallel", [
+    ("v3", "none", "-", "expert"), ("v3", "4bit", "-", "expert"), ("v2lite", "none", "-", "expert"),
+    ("v2lite", "4bit", "50%", "expert"), ("v3", "4bit", "-", "pipeline"), ("v2lite", "none", "-", "pipeline")])
+def test_two_ranks_match_one_process(models, kind, quant, budget, parallel, tmp_path):
     """Logits to 1e-5 relative, greedy tokens identical (two turns on one cache), each rank reads
     at most the trunk plus its half of the routed experts (counted, and measured by the OS); on
     the V3 4-bit model, `serve` under 2 ranks answers chat completions as one process does. The
     V2 4-bit run uses lazy experts with a per-rank budget (50% of the rank's half) against the
-    resident single-process model."""
+    resident single-process model. Pipeline: each rank reads only its stage's tensors."""
     import edge_ds
     from edge_ds.server import make_server
 
     path = models[kind, quant]
     out = tmp_path / "rank0.json"
-    procs = launch(tmp_path, [__file__, "parity", str(path), str(out), budget], stdin=subprocess.PIPE)
+    procs = launch(tmp_path, [__file__, "parity", str(path), str(out), budget, parallel], stdin=subprocess.PIPE)
     try:
         lm = edge_ds.load(path)  # the single-process run, meanwhile
         ref = workload(lm)
-        serving = (kind, quant) == ("v3", "4bit")
+        serving = (kind, quant, parallel) == ("v3", "4bit", "expert")
         if serving:
             single = make_server(lm, "127.0.0.1", 0, quiet=True)
             single.start()
@@ -195,6 +196,14 @@ def test_two_ranks_match_one_process(models, kind, quant, budget, tmp_path):
     b = got["bytes"]
     share = b["routed_total"] // 2
     assert share > SLACK  # so that reading the other rank's experts too would fail the bound
+    if parallel == "pipeline":  # "trunk" + "experts": the stage's tensors; every tensor on exactly one rank
+        whole = b["per_rank"][0]["trunk"] + b["per_rank"][1]["trunk"] + 2 * share
+        stages = [row["trunk"] + row["experts"] for row in b["per_rank"]]
+        assert sum(stages) == whole
+        for row, stage in zip(b["per_rank"], stages):
+            assert stage < whole - SLACK
+            assert 0 <= row["os_read"] <= stage + SLACK, (row, b)
+        return
     if budget != "-":  # lazy: nothing but the trunk read at load; the cache holds half of the rank's experts
         assert b["expert_cache"] <= share // 2 and got["slots"] == (16 // 2) * 2 // 2, (b, got["slots"])  # its 8 experts x 2 MoE layers, halved
         assert all(row["experts"] == 0 and 0 <= row["os_read"] <= row["trunk"] + SLACK for row in b["per_rank"])
@@ -316,4 +325,4 @@ def test_deepseek_v4_expert_parallel(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(*sys.argv[1:5])
+    worker(*sys.argv[1:6])

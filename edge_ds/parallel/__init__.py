@@ -54,7 +54,7 @@ def open_parallel(directory: Path, mode: str, experts=None):
     refused before any weight is read."""
     if mode not in MODES:
         raise OptionError("parallel", f"{{option}} {mode!r} is not available (available: {', '.join(MODES)}; "
-                                      "tensor and pipeline are not built yet)")
+                                      "tensor is not built yet)")
     import mlx.core as mx
 
     from ..backends.mlx import MLXBackend
@@ -73,14 +73,26 @@ def open_parallel(directory: Path, mode: str, experts=None):
         raise OptionError("trace" if experts.trace is not None else "prefetch",
                           "{option} does not combine with parallel yet (a rank sees only its own experts)")
     cfg = ModelConfig.load(directory)
-    plan = expert_plan(cfg, rank, size)  # refuse before reading weights
+    if mode == "pipeline":
+        from .pipeline import stages
+
+        stage = stages(cfg, size)[rank]  # refuse before reading weights
+        plan = None
+    else:
+        plan = expert_plan(cfg, rank, size)
     if not has_weights(directory):
         raise ParallelError(f"{directory}: --parallel needs MLX weights ({WEIGHTS_GLOB}); convert the checkpoint")
     from ..experts import store as _store  # noqa: F401 - imported before the byte count starts
 
     counter = [0]
     before = os_read_bytes()
-    if experts is None:
+    if plan is None:
+        if experts is not None:
+            raise OptionError("expert_budget", "{option} does not combine with parallel='pipeline' yet")
+        model = load_model(directory, layers=stage)
+        measured = os_read_bytes() - before if before >= 0 else -1
+        cache = None
+    elif experts is None:
         model = load_model(directory, expert_ids=plan.owned, counter=counter)
         measured = os_read_bytes() - before if before >= 0 else -1
         cache = None
@@ -90,11 +102,23 @@ def open_parallel(directory: Path, mode: str, experts=None):
         model = load_model(directory, routed_experts=False)
         measured = os_read_bytes() - before if before >= 0 else -1
         cache = attach_shard(model, directory, plan.owned, experts.budget, experts.policy, experts.page_cache)
-    expert.install(model, plan, group)
+    if plan is not None:
+        expert.install(model, plan, group)
     wire(model, cache.slots * cache.store.expert_bytes if cache is not None else 0)
+    if plan is None:
+        from .pipeline import PipelineStage
+
+        model = PipelineStage(model, *stage, group)
     inner = MLXBackend(model, cache)
     with Checkpoint(directory, WEIGHTS_GLOB) as ckpt:
-        trunk = sum(ckpt.info(n).nbytes for n in ckpt.names() if not is_routed_expert(n))
+        if plan is None:  # pipeline: "trunk" is what this stage reads, "experts" its routed share of it
+            from ..loading import stage_keep
+
+            keep = stage_keep(cfg, *stage)
+            trunk = sum(ckpt.info(n).nbytes for n in ckpt.names() if keep(n) and not is_routed_expert(n))
+            counter[0] = sum(ckpt.info(n).nbytes for n in ckpt.names() if keep(n) and is_routed_expert(n))
+        else:
+            trunk = sum(ckpt.info(n).nbytes for n in ckpt.names() if not is_routed_expert(n))
         routed = sum(ckpt.info(n).nbytes for n in ckpt.names() if is_routed_expert(n))
     # Every rank's numbers on every rank (rank 0 reports them), and a check that all ranks
     # loaded the same model: a rank started on another directory or version would compute garbage.

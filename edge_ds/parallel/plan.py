@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from ..errors import EdgeDSError
 
-MODES = ("expert",)  # tensor and pipeline: not built yet (README, Several machines)
+MODES = ("expert", "pipeline")  # tensor: not built yet (README, Several machines)
 
 
 class ParallelError(EdgeDSError):

@@ -174,9 +174,13 @@ def follow(backend, link: Link) -> None:
             cache = caches.get(cid)
             if cache is None:
                 cache = caches[cid] = backend.make_cache()
-            if cache.offset < offset:
-                link.fail(f"rank {link.rank}: its cache {cid} holds {cache.offset} tokens, rank 0's {offset} "
+            # The most any layer holds: under pipeline parallelism this rank's first layers stay empty.
+            held = max((c.offset for c in cache), default=0)
+            if held < offset:
+                link.fail(f"rank {link.rank}: its cache {cid} holds {held} tokens, rank 0's {offset} "
                           "(a cache restored from a file on rank 0 only cannot be followed)")
-            cache.rewind(cache.offset - offset)
+            if held > offset:
+                for c in cache:
+                    c.rewind(held - offset)
         out = backend(mx.array(payload[nfreed:].reshape(B, L).astype(np.int32)), cache)
         link.eval(out, what="a forward")
