@@ -7,7 +7,7 @@ import json
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -236,8 +236,12 @@ class LanguageModel:
     def _chunks(self, ids: list[int], cache: PromptCache, sampler: Sampler, opts: SamplingOptions,
                 stats: GenerationStats, tokens_out: list[int], cancel: threading.Event,
                 logprobs: int | None = None, logprobs_out: list[TokenLogprob] | None = None,
-                keep_special: frozenset[str] = frozenset()) -> Iterator[str]:
-        _on_mlx_thread()
+                keep_special: frozenset[str] = frozenset(),
+                source: Callable[[list], Iterator[int]] | None = None) -> Iterator[str]:
+        """The text of a generation. source(raw): where the token ids come from when not from
+        generate_tokens here (the server's batch engine), appending each token's logprob entry to raw."""
+        if source is None:  # this thread runs the model
+            _on_mlx_thread()
         tok = self.tokenizer
         detok = tok.detokenizer(skip_special=not keep_special)
         eos = set(self.tokenizer.eos_ids)
@@ -247,9 +251,10 @@ class LanguageModel:
         raw: list[TokenLogprob] = []  # generate_tokens' entries, EOS included
         stats.finish_reason = "length"
         try:
-            for t in generate_tokens(self.backend, ids, cache, sampler, opts.max_tokens, stats,
-                                     opts.repetition_penalty, opts.repetition_context_size,
-                                     logprobs=logprobs, logprobs_out=raw if logprobs is not None else None):
+            tokens = source(raw) if source is not None else generate_tokens(
+                self.backend, ids, cache, sampler, opts.max_tokens, stats, opts.repetition_penalty,
+                opts.repetition_context_size, logprobs=logprobs, logprobs_out=raw if logprobs is not None else None)
+            for t in tokens:
                 if cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break

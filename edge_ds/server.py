@@ -218,31 +218,11 @@ class ModelWorker:
             if self.prompt_cache and self._cache is None:
                 self._cache = lm.new_cache()
             stream = lm.stream(ids, cache=self._cache if self.prompt_cache else None, **opts)
-            chunks = iter(stream)
-            cancelled = False
-            sent = 0  # logprob entries handed out
-            for chunk in chunks:
-                if job.cancelled.is_set():
-                    cancelled = True
-                    chunks.close()  # stops the decode loop between tokens
-                    break
-                end = sent
-                while end < len(stream.logprobs) and stream.logprobs[end].offset < len(stream.text):
-                    end += 1
-                job.events.put(("text", (chunk, stream.logprobs[sent:end])))
-                sent = end
-            if not cancelled and sent < len(stream.logprobs):  # tokens that added no text at the end
-                job.events.put(("text", ("", stream.logprobs[sent:])))
-            stats = stream.stats
-            result = Result(stats.prompt_tokens, stats.generation_tokens,
-                            "cancelled" if cancelled else stats.finish_reason, stats.prefilled_tokens,
-                            stats.prompt_tps, stats.generation_tps)
+            result = _send_stream(stream, job)
             self.last = result
             job.events.put(("done", result))
             if self._log:
-                self._log(f"prompt {result.prompt_tokens} tokens ({result.prefilled_tokens} prefilled, "
-                          f"{result.prompt_tps:.1f} tok/s), {result.completion_tokens} generated "
-                          f"({result.generation_tps:.1f} tok/s), {result.finish_reason}")
+                self._log(_summary(result))
         except EdgeDSError as e:
             over = isinstance(e, ContextLengthError)
             if over or not encoded:  # the request's fault: its prompt
@@ -256,6 +236,160 @@ class ModelWorker:
             self._cache = None  # it may hold a half-run step
             job.events.put(("error", RequestError(f"internal error: {type(e).__name__}: {e}", status=500,
                                                   kind="server_error")))
+
+
+def _send_stream(stream: Any, job: Job) -> Result:
+    """Runs a TextStream to its end, putting ("text", (piece, logprob entries)) on the job's events;
+    returns its Result. The entries sent with a piece are those of the tokens whose text has begun."""
+    chunks = iter(stream)
+    cancelled = False
+    sent = 0  # logprob entries handed out
+    for chunk in chunks:
+        if job.cancelled.is_set():
+            cancelled = True
+            chunks.close()  # stops the decode loop between tokens
+            break
+        end = sent
+        while end < len(stream.logprobs) and stream.logprobs[end].offset < len(stream.text):
+            end += 1
+        job.events.put(("text", (chunk, stream.logprobs[sent:end])))
+        sent = end
+    if not cancelled and sent < len(stream.logprobs):  # tokens that added no text at the end
+        job.events.put(("text", ("", stream.logprobs[sent:])))
+    stats = stream.stats
+    return Result(stats.prompt_tokens, stats.generation_tokens,
+                  "cancelled" if cancelled or stats.finish_reason == "cancelled" else stats.finish_reason,
+                  stats.prefilled_tokens, stats.prompt_tps, stats.generation_tps)
+
+
+def _summary(r: Result) -> str:
+    return (f"prompt {r.prompt_tokens} tokens ({r.prefilled_tokens} prefilled, {r.prompt_tps:.1f} tok/s), "
+            f"{r.completion_tokens} generated ({r.generation_tps:.1f} tok/s), {r.finish_reason}")
+
+
+class BatchWorker(ModelWorker):
+    """Runs up to max_concurrency jobs' decode steps as one batch (batching.BatchEngine) on the model
+    thread; more wait in arrival order (up to max_queued in all). Each admitted job's text (detokenizing,
+    stop strings, logprob offsets) is made on a thread of its own from the tokens the engine sends."""
+
+    def __init__(self, lm: LanguageModel, max_concurrency: int, log: Callable[[str], None] | None = None,
+                 max_queued: int = Limits.max_queued, retry_after: int = Limits.retry_after):
+        super().__init__(lm, prompt_cache=False, log=log, max_queued=max_queued, retry_after=retry_after)
+        from .batching import BatchEngine
+        self.max_concurrency = max_concurrency
+        self._engine = BatchEngine(lm, max_concurrency)
+        self._incoming: list[Job] = []
+        self._looping = False
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise _stopped()
+            if len(self._jobs) >= self.max_queued:
+                raise Busy(f"the server is busy: {len(self._jobs)} generation requests are queued or running "
+                           f"(the limit is {self.max_queued}); retry after {self.retry_after} s",
+                           status=429, code="queue_full", retry_after=self.retry_after)
+            self._jobs.append(job)
+            self._incoming.append(job)
+            self._idle.clear()
+            start = not self._looping
+            self._looping = True
+        if start:
+            model_thread().submit(self._loop)
+
+    def _done(self, job: Job) -> None:
+        with self._lock:
+            if job in self._jobs:
+                self._jobs.remove(job)
+            if not self._jobs:
+                self._idle.set()
+
+    def _loop(self) -> None:
+        """On the model thread while there is work: admit new jobs, then one engine step."""
+        from .api import _on_mlx_thread
+        _on_mlx_thread()
+        engine = self._engine
+        while True:
+            with self._lock:
+                new, self._incoming = self._incoming, []
+                if not new and not engine.busy:
+                    self._looping = False
+                    return
+            for job in new:
+                self._admit(job)
+            try:
+                engine.step()
+            except Exception as e:  # a corrupt expert slice, or a bug: every request in the batch ends
+                if not isinstance(e, EdgeDSError):
+                    traceback.print_exc(file=sys.stderr)
+                engine.fail(e)
+
+    def _admit(self, job: Job) -> None:
+        """Encodes the job's prompt and hands it to the engine, with a thread that makes its text."""
+        from .batching import Row, token_source
+        from .options import SamplingOptions
+        from .sampling import make_sampler, seed as set_seed
+
+        lm = self.lm
+        try:
+            if job.cancelled.is_set():
+                raise _stopped()
+            ids = lm.encode_prompt(job.prompt, job.chat_template, tools=job.tools)
+            if job.prefix:
+                ids = ids + lm.tokenizer.encode(job.prefix, add_bos=False)
+            o = job.options
+            opts = SamplingOptions(max_tokens=o["max_tokens"], temperature=o["temperature"], top_p=o["top_p"],
+                                   top_k=o["top_k"], min_p=o["min_p"], repetition_penalty=o["repetition_penalty"],
+                                   seed=o["seed"], stop=o["stop"])
+            limit = lm.config.max_position_embeddings
+            max_tokens = opts.max_tokens if opts.max_tokens is not None else max(1, limit - len(ids))
+            if len(ids) + max_tokens > limit:
+                raise ContextLengthError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                         f"model's max_position_embeddings ({limit})")
+        except RequestError as e:
+            job.events.put(("error", e))
+            self._done(job)
+            return
+        except EdgeDSError as e:
+            over = isinstance(e, ContextLengthError)
+            job.events.put(("error", RequestError(str(e), "messages" if job.chat_template else "prompt",
+                                                  code="context_length_exceeded" if over else None)))
+            self._done(job)
+            return
+        set_seed(opts.seed)
+        row = Row(ids=ids, sampler=make_sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p),
+                  max_tokens=max_tokens, penalty=opts.repetition_penalty,
+                  penalty_context=opts.repetition_context_size, logprobs=o.get("logprobs"),
+                  eos=set(lm.tokenizer.eos_ids), out=queue.Queue(), cancelled=job.cancelled)
+        self._engine.add(row)
+        threading.Thread(target=self._text, args=(job, row, ids, opts, max_tokens, token_source),
+                         name="edge-ds-text", daemon=True).start()
+
+    def _text(self, job: Job, row: Any, ids: list[int], opts: Any, max_tokens: int, token_source: Any) -> None:
+        from dataclasses import replace
+
+        from .api import TextStream
+        try:
+            stream = TextStream(iter(()), row.stats)
+            o = job.options
+            stream._chunks = self.lm._chunks(
+                ids, None, row.sampler, replace(opts, max_tokens=max_tokens), row.stats, stream.tokens,
+                job.cancelled, o.get("logprobs"), stream.logprobs, frozenset(o.get("keep_special", ())),
+                source=token_source(row.out, lambda: None, POLL_SECONDS))
+            result = _send_stream(stream, job)
+            self.last = result
+            job.events.put(("done", result))
+            if self._log:
+                self._log(_summary(result))
+        except EdgeDSError as e:
+            job.events.put(("error", RequestError(str(e), status=500, kind="server_error")))
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            job.events.put(("error", RequestError(f"internal error: {type(e).__name__}: {e}", status=500,
+                                                  kind="server_error")))
+        finally:
+            job.cancelled.set()  # the engine drops the row (a stop string ended the text before max_tokens)
+            self._done(job)
 
 
 # --- HTTP --------------------------------------------------------------------------------
@@ -768,7 +902,7 @@ class Server(HTTPServer):
     """The HTTP server; `worker` runs the model. Use serve_forever() or start(), then close()."""
 
     def __init__(self, address: tuple[str, int], lm: LanguageModel, model_id: str, prompt_cache: bool,
-                 quiet: bool, limits: Limits | None = None, api_key: str | None = None):
+                 quiet: bool, limits: Limits | None = None, api_key: str | None = None, max_concurrency: int = 1):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         # Set before binding: a failed bind calls server_close(), which reads them.
@@ -781,8 +915,18 @@ class Server(HTTPServer):
         self._key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.fingerprint = f"edge-ds-{lm.fingerprint}"
         self.prompt_limit = min(lm.config.max_position_embeddings * MAX_CHARS_PER_TOKEN, MAX_BODY_BYTES)
-        self.worker = ModelWorker(lm, prompt_cache, log=None if quiet else self._log,
-                                  max_queued=limits.max_queued, retry_after=limits.retry_after)
+        why_not = None
+        if max_concurrency > 1:
+            from .batching import supported
+            why_not = supported(lm)
+            if why_not and not quiet:
+                self._log(f"--max-concurrency {max_concurrency}: not batching ({why_not}); one request at a time")
+        if max_concurrency > 1 and why_not is None:
+            self.worker: ModelWorker = BatchWorker(lm, max_concurrency, log=None if quiet else self._log,
+                                                   max_queued=limits.max_queued, retry_after=limits.retry_after)
+        else:
+            self.worker = ModelWorker(lm, prompt_cache, log=None if quiet else self._log,
+                                      max_queued=limits.max_queued, retry_after=limits.retry_after)
         self.request_queue_size = limits.listen_backlog
         self.max_connections, self.overflow_connections = self._fit_to_open_files(limits)
         self._pool = _Pool(limits.handler_threads, self._handle)
@@ -1189,18 +1333,21 @@ class Server(HTTPServer):
 
 def make_server(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None, *,
                 prompt_cache: bool = True, quiet: bool = False, limits: Limits | None = None,
-                api_key: str | None = None) -> Server:
+                api_key: str | None = None, max_concurrency: int = 1) -> Server:
     """A server for the loaded model `lm` bound to host:port (port 0: any free port), not yet serving.
 
     api_key: when given, every request but /health must carry `Authorization: Bearer <api_key>`
-    (else 401, OpenAI's invalid_api_key error).
+    (else 401, OpenAI's invalid_api_key error). max_concurrency > 1 decodes that many requests as one
+    batch where the model allows it (batching.supported; the MLX backend, MLA latent caches), with
+    no prompt cache kept between requests; 1 runs them one at a time.
     model_id: the name /v1/models lists (default: the model directory's name); requests may name
     any model, the loaded one answers. prompt_cache=False prefills every prompt from scratch.
     limits: the bounds under load (default Limits()); max_connections is cut to fit the process's
     open-file limit (serve() raises that limit first; an app may call raise_open_file_limit).
     """
     try:
-        return Server((host, port), lm, model_id or lm.path.name, prompt_cache, quiet, limits, api_key)
+        return Server((host, port), lm, model_id or lm.path.name, prompt_cache, quiet, limits, api_key,
+                      max_concurrency)
     except (OSError, OverflowError) as e:  # OverflowError: a port over 65535
         raise EdgeDSError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
 

@@ -1,0 +1,165 @@
+"""Continuous batching (`--max-concurrency`): requests decoded together over caches of different
+lengths, joining and leaving between steps, give each request what it gets alone (greedy)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+import urllib.request
+
+import pytest
+
+import edge_ds
+from edge_ds.batching import BatchEngine, Row, supported
+from edge_ds.sampling import make_sampler
+from edge_ds.server import BatchWorker, ModelWorker, make_server
+
+PROMPTS = ["In the beginning", "And the LORD spake unto Moses, saying, Speak unto the children of Israel",
+           "Blessed are the meek", "Thou shalt", "And God said, Let there be light: and there was light.",
+           "Jesus wept.", "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures",
+           "Vanity of vanities, saith the Preacher"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return edge_ds.load(backend="mlx")
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    srv = make_server(lm, "127.0.0.1", 0, quiet=True, max_concurrency=4)
+    srv.start()
+    yield srv
+    srv.close()
+
+
+def post(srv, path: str, body: dict):
+    req = urllib.request.Request(srv.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        if body.get("stream"):
+            return [json.loads(line[6:]) for line in (raw.decode().strip() for raw in r)
+                    if line.startswith("data: ") and line != "data: [DONE]"]
+        return json.loads(r.read())
+
+
+def together(fns) -> list:
+    out: list = [None] * len(fns)
+
+    def run(i):
+        out[i] = fns[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return out
+
+
+def test_the_engine_joins_and_drops_rows_between_steps(lm):
+    """Rows of different lengths join while others decode (prefill in chunks of 4 tokens) and leave at
+    different steps; every row's tokens are the lone greedy run's."""
+    assert supported(lm) is None
+    eos = set(lm.tokenizer.eos_ids)
+    want = [lm.generate(p, max_tokens=20 + 3 * i, chat_template=False).tokens for i, p in enumerate(PROMPTS)]
+    engine = BatchEngine(lm, max_rows=5, prefill_step=4)
+    rows = [Row(ids=lm.tokenizer.encode(p), sampler=make_sampler(0.0), max_tokens=20 + 3 * i, penalty=None,
+                penalty_context=64, logprobs=None, eos=eos, out=queue.Queue(), cancelled=threading.Event())
+            for i, p in enumerate(PROMPTS)]
+    engine.add(rows[0])
+    engine.add(rows[1])
+    steps, widths = 0, []
+    while engine.busy:
+        engine.step()
+        steps += 1
+        widths.append(len(engine.rows))
+        if steps in (2, 5, 9):
+            for r in rows[2 + (steps > 2) * 2 + (steps > 5) * 2:][:2]:
+                engine.add(r)
+    # several rows decode together, newcomers join while others decode, rows leave one by one
+    assert max(widths) == 5 and widths[-1] == 0 and sorted(set(widths)) == list(range(6))
+    for r, w in zip(rows, want):
+        got = []
+        while (item := r.out.get_nowait()) is not None:
+            got.append(item[0])
+        assert [t for t in got if t not in eos] == w
+
+
+def test_eight_concurrent_requests_equal_their_lone_answers(lm):
+    srv = make_server(lm, "127.0.0.1", 0, quiet=True, max_concurrency=8)
+    srv.start()
+    try:
+        assert isinstance(srv.worker, BatchWorker)
+        want = [lm.generate(p, max_tokens=8 + 5 * i, chat_template=False).text for i, p in enumerate(PROMPTS)]
+
+        def ask(i):
+            body = {"prompt": PROMPTS[i], "max_tokens": 8 + 5 * i, "temperature": 0, "stream": i % 2 == 1}
+            out = post(srv, "/v1/completions", body)
+            return "".join(c["choices"][0]["text"] for c in out) if body["stream"] else out["choices"][0]["text"]
+
+        assert together([lambda i=i: ask(i) for i in range(8)]) == want
+    finally:
+        srv.close()
+
+
+def test_chat_stop_strings_and_logprobs_in_a_batch(server, lm):
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
+    full = [lm.generate(c, max_tokens=20, logprobs=2) for c in chats]
+    stops = [g.text.split()[2] for g in full]
+
+    def ask(i):
+        return post(server, "/v1/chat/completions", {"messages": chats[i], "max_tokens": 20, "temperature": 0,
+                                                      "stop": [stops[i]], "logprobs": True, "top_logprobs": 2})
+
+    for out, g, stop in zip(together([lambda i=i: ask(i) for i in range(4)]), full, stops):
+        choice = out["choices"][0]
+        assert choice["message"]["content"] == g.text[:g.text.index(stop)] and choice["finish_reason"] == "stop"
+        entries = choice["logprobs"]["content"]
+        assert [e["token"] for e in entries] == [lm.tokenizer.token_bytes(e.token).decode()
+                                                 for e in g.logprobs[:len(entries)]]
+        for e, w in zip(entries, g.logprobs):
+            assert abs(e["logprob"] - w.logprob) < 1e-3
+
+
+def test_more_requests_than_rows_wait_their_turn(server, lm):
+    want = [lm.generate(p, max_tokens=12, chat_template=False).text for p in PROMPTS]
+    got = together([lambda p=p: post(server, "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0})
+                    for p in PROMPTS])
+    assert [o["choices"][0]["text"] for o in got] == want
+
+
+def test_a_client_leaving_cancels_only_its_own_row(server, lm):
+    want = [lm.generate(p, max_tokens=40, chat_template=False).text for p in PROMPTS[:2]]
+    host, port = server.server_address[:2]
+
+    def leaver():
+        body = json.dumps({"prompt": PROMPTS[2], "max_tokens": 200, "stream": True, "temperature": 0}).encode()
+        with socket.create_connection((host, port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            seen = b""
+            while b"data:" not in seen:  # its first token, then the client goes
+                chunk = s.recv(4096)
+                assert chunk, seen
+                seen += chunk
+        return "left"
+
+    got = together([lambda: post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0}),
+                    leaver,
+                    lambda: post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 40, "temperature": 0})])
+    assert got[1] == "left"
+    assert [got[0]["choices"][0]["text"], got[2]["choices"][0]["text"]] == want
+    assert server.worker.wait_idle(30)  # the 200-token request was dropped, not run to its end
+    assert server.worker._engine.rows == [] and server.worker._engine.waiting == []
+
+
+def test_backends_that_cannot_batch_queue_instead():
+    lm_onnx = edge_ds.load(backend="onnx")
+    assert "onnx" in supported(lm_onnx)
+    srv = make_server(lm_onnx, "127.0.0.1", 0, quiet=True, max_concurrency=4)
+    try:
+        assert type(srv.worker) is ModelWorker
+    finally:
+        srv.close()
