@@ -351,13 +351,16 @@ def chat(model_dir, system, sampling, experts, backend):
               metavar="N", help="Open connections served at once; more are answered 503 with Retry-After.")
 @click.option("--max-queue", default=Limits.max_queued, show_default=True, type=click.IntRange(1), metavar="N",
               help="Generation requests queued or running; more are answered 429 with Retry-After.")
+@click.option("--max-concurrency", default=1, show_default=True, type=click.IntRange(1), metavar="N",
+              help="Decode up to N requests together as one batch (MLX backend, MLA models); more wait. "
+                   "1: one at a time, with the prompt cache kept between requests.")
 @click.option("--api-key", envvar="EDGE_DS_API_KEY", default=None, metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health (401 otherwise). "
                    "Prefer the EDGE_DS_API_KEY environment variable: a flag shows in the process list.")
 @expert_options
 @backend_option
 @parallel_option
-def serve(model_dir, host, port, max_connections, max_queue, api_key, experts, backend):
+def serve(model_dir, host, port, max_connections, max_queue, max_concurrency, api_key, experts, backend):
     """Serve the model over an OpenAI-compatible HTTP API until Ctrl-C.
 
     GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming
@@ -371,7 +374,8 @@ def serve(model_dir, host, port, max_connections, max_queue, api_key, experts, b
     def ready(server) -> None:
         click.echo(f"edge-ds serve: {server.model_id} at {server.url}/v1 (Ctrl-C stops)")
 
-    run(lm, host, port, on_ready=ready, limits=limits, api_key=api_key or None)  # returns on Ctrl-C: exit status 0
+    run(lm, host, port, on_ready=ready, limits=limits, api_key=api_key or None,  # returns on Ctrl-C: exit status 0
+        max_concurrency=max_concurrency)
 
 
 @main.command()
