@@ -15,9 +15,15 @@ from ..cache import PromptCache
 from ..config import DeepseekV4Config
 from .compressor import Compressor, V4LayerCache
 from .deepseek import stack_experts
-from .layers import ExpertLinear, Linear, matmul
+from .layers import ExpertLinear, Linear, dense_prefill, matmul
 from .moe import MLP, MoE, SwitchGLU
 from .rope import TailRoPE
+
+
+def mm(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b; a prefill-sized product through layers.matmul (numpy's BLAS on a CPU without a fast one).
+    A decode step stays in MLX's lazy graph: a detour through numpy would sync on every product."""
+    return matmul(a, b) if dense_prefill(a.shape[-2]) else a @ b
 
 
 def rms(x: mx.array, eps: float) -> mx.array:
@@ -77,10 +83,10 @@ class Attention(nn.Module):
                 mask = mx.concatenate([mx.broadcast_to(mask, (B, 1, L, S)), seen[:, None]], axis=-1)
         cache.offset += L
 
-        scores = matmul(q, rows.swapaxes(-1, -2)).astype(mx.float32) * self.scale + mask  # [B, H, L, S']
+        scores = mm(q, rows.swapaxes(-1, -2)).astype(mx.float32) * self.scale + mask  # [B, H, L, S']
         sinks = mx.broadcast_to(self.sinks.astype(mx.float32)[None, :, None, None], (B, self.H, L, 1))
         probs = mx.softmax(mx.concatenate([scores, sinks], axis=-1), axis=-1, precise=True)[..., :-1]
-        out = matmul(probs.astype(rows.dtype), rows)  # [B, H, L, hd]
+        out = mm(probs.astype(rows.dtype), rows)  # [B, H, L, hd]
         out = self.rope(out, positions, inverse=True)  # values carried their keys' rotation
         groups = out.swapaxes(1, 2).reshape(B * L, self.G, -1).swapaxes(0, 1)  # [G, B*L, H*hd/G]
         y = self.o_a_proj.each_expert(groups).swapaxes(0, 1).reshape(B, L, -1)  # [B, L, G*o_lora]
@@ -102,7 +108,7 @@ class HyperConnection(nn.Module):
 
     def __call__(self, h: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         B, L, n, D = h.shape
-        mixes = matmul(rms(h.reshape(B, L, n * D), self.norm_eps), self.fn.astype(mx.float32).T)  # [B, L, (2+n)n]
+        mixes = mm(rms(h.reshape(B, L, n * D), self.norm_eps), self.fn.astype(mx.float32).T)  # [B, L, (2+n)n]
         base, scale = self.base.astype(mx.float32), self.scale.astype(mx.float32)
         pre = mx.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + self.eps
         post = 2 * mx.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
@@ -135,7 +141,7 @@ class HyperHead(nn.Module):
 
     def __call__(self, h: mx.array) -> mx.array:
         B, L, n, D = h.shape
-        mixes = matmul(rms(h.reshape(B, L, n * D), self.norm_eps), self.hc_fn.astype(mx.float32).T)  # [B, L, n]
+        mixes = mm(rms(h.reshape(B, L, n * D), self.norm_eps), self.hc_fn.astype(mx.float32).T)  # [B, L, n]
         pre = mx.sigmoid(mixes * self.hc_scale.astype(mx.float32) + self.hc_base.astype(mx.float32)) + self.eps
         return (pre[..., None] * h).sum(axis=2).astype(h.dtype)
 
@@ -161,7 +167,7 @@ class Router(nn.Module):
         object.__setattr__(self, "tokens", tokens)
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        logits = matmul(x.astype(mx.float32), self.weight.astype(mx.float32).T)  # [N, E]
+        logits = mm(x.astype(mx.float32), self.weight.astype(mx.float32).T)  # [N, E]
         if self.scoring == "sqrtsoftplus":
             scores = mx.sqrt(nn.softplus(logits))
         elif self.scoring == "sigmoid":
