@@ -1,7 +1,7 @@
 """Expert parallelism on one machine: per-rank bytes and memory, tok/s, traffic and collective time.
 
     python benchmarks/parallel_bench.py MODEL_DIR                       # one process
-    mlx.launch -n 2 --backend ring --python "$(which python)" benchmarks/parallel_bench.py MODEL_DIR
+    mlx.launch -n 2 --backend ring --python "$(which python)" benchmarks/parallel_bench.py MODEL_DIR [expert|pipeline]
 
 Prints one JSON line from rank 0. The all_sum latency is measured before the model loads (every
 rank runs it), on the [1, hidden] float32 vector each MoE layer sums per decoded token.
@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(path: str, prompt: int = 128, gen: int = 64, trials: int = 3) -> None:
+def main(path: str, mode: str = "expert", prompt: int = 128, gen: int = 64, trials: int = 3) -> None:
     import mlx.core as mx
 
     import edge_ds
@@ -38,17 +38,21 @@ def main(path: str, prompt: int = 128, gen: int = 64, trials: int = 3) -> None:
             mx.eval(mx.distributed.all_sum(x, group=group))
         allsum_us = (time.perf_counter() - t) / 200 * 1e6
     t = time.perf_counter()
-    lm = edge_ds.load(path, parallel="expert" if size > 1 else None)
+    lm = edge_ds.load(path, parallel=mode if size > 1 else None)
     load_s = time.perf_counter() - t
     ids = [int(i) for i in np.random.default_rng(0).integers(10, cfg.vocab_size - 10, prompt)]
     lm.generate(ids, max_tokens=4, temperature=0)  # warm-up
     runs = [lm.generate(ids, max_tokens=gen, temperature=0).stats for _ in range(trials)]
     moe_layers = len(cfg.moe_layers)
-    out = dict(ranks=size, load_s=round(load_s, 2),
+    out = dict(ranks=size, mode=mode if size > 1 else None, load_s=round(load_s, 2),
                prompt_tps=float(np.median([r.prompt_tps for r in runs])),
                generation_tps=float(np.median([r.generation_tps for r in runs])),
                bytes=getattr(lm.backend, "bytes_read", None))
-    if size > 1:
+    if size > 1 and mode == "pipeline":
+        d = cfg.hidden_size * 4
+        out.update(collectives_per_token=2 + 2 * (size - 1),  # step header and ids; a send/recv per boundary; logits
+                   bytes_between_ranks_per_token=(size - 1) * d + cfg.vocab_size * 4, allsum_us=round(allsum_us, 1))
+    elif size > 1:
         d = cfg.hidden_size * 4  # float32 on the CPU (bfloat16 on Metal: half)
         out.update(collectives_per_token=moe_layers + 2,  # one all_sum per MoE layer + the step header and ids
                    allsum_payload_bytes_per_token=moe_layers * d + 8 * 4 + 4,
@@ -58,4 +62,4 @@ def main(path: str, prompt: int = 128, gen: int = 64, trials: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
