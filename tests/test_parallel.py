@@ -60,7 +60,15 @@ def worker(mode: str, model: str, out: str, budget: str = "-", parallel: str = "
     if mode == "parity":  # the checks, then the same model behind the HTTP server until stdin closes
         from edge_ds.server import make_server
 
-        got = workload(lm)
+        got = workload(lm)  # its cache is dropped as it returns
+        from edge_ds.generate import GenerationStats, generate_tokens
+        from edge_ds.sampling import make_sampler
+
+        cache = lm.new_cache()
+        list(generate_tokens(lm.backend, PROMPT[:4], cache, make_sampler(0.0), 2, GenerationStats()))
+        del cache
+        lm.logits(TOKENS[:1, :4])  # tells the followers to drop both mirrors
+        got["freed"] = lm.backend.freed_sent
         np.save(out + ".npy", got.pop("logits"))
         got["bytes"] = lm.backend.bytes_read
         got["slots"] = lm.experts.slots if lm.experts is not None else 0
@@ -188,6 +196,7 @@ def test_two_ranks_match_one_process(models, kind, quant, budget, parallel, tmp_
     assert rel < 1e-5, rel
     assert got["first"] == ref["first"] and len(got["first"]) == GREEDY
     assert got["second"] == ref["second"]
+    assert got["freed"] == 2  # the followers drop the mirrors of caches rank 0 dropped
     if serving:
         for g, w in zip(got_http, want):
             assert g["choices"] == w["choices"] and g["usage"] == w["usage"]

@@ -107,6 +107,7 @@ class Driver:
         self._ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._next = 1
         self._freed: list[int] = []  # ids of caches rank 0 dropped: the followers drop theirs
+        self.freed_sent = 0  # cache ids the followers were told to drop so far
         self._stopped = False
         self._lock = threading.Lock()
 
@@ -127,7 +128,10 @@ class Driver:
             B, L = tokens.shape
             cid = self._cache_id(cache) if cache is not None else 0
             offset = cache.offset if cache is not None else 0
-            freed, self._freed = self._freed, []
+            # Drained in place: the finalizers registered so far append to this very list.
+            freed = self._freed[:]
+            del self._freed[:len(freed)]
+            self.freed_sent += len(freed)
             self.link.share(np.array([RUN, cid, offset, B, L, len(freed), 0, 0]), HEADER, "sending a step")
             ids = np.array(tokens).astype(np.int64).reshape(-1)
             self.link.share(np.concatenate([np.array(freed, np.int64), ids]), len(freed) + ids.size, "sending tokens")
