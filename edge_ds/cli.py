@@ -364,7 +364,8 @@ def serve(model_dir, host, port, max_connections, max_queue, max_concurrency, ap
     """Serve the model over an OpenAI-compatible HTTP API until Ctrl-C.
 
     GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming
-    with "stream": true). One generation at a time; other requests wait their turn."""
+    with "stream": true). One generation at a time, others waiting their turn, unless
+    --max-concurrency N decodes up to N together."""
     from .api import load
     from .server import serve as run
 
