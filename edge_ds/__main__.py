@@ -8,11 +8,8 @@ Under this entry a lost rank ends the process with one line naming the rank (run
 and serve would otherwise report the error per turn or per request and go on, with no model.
 """
 
-import runpy
-
+from .cli import main
 from .parallel import run
 
 run.FATAL = True
-# runpy rather than an import: the CLI is the top layer (tests/test_layering.py), and this shim
-# only starts it.
-runpy.run_module("edge_ds.cli", run_name="__main__", alter_sys=True)
+main(prog_name="edge-ds")

@@ -26,7 +26,7 @@ RANK = {"base": 0, "runtime": 1, "converters": 2, "cli": 3}
 def layer(module: str) -> str:
     if module in BASE:
         return "base"
-    if module == "edge_ds.cli":
+    if module in ("edge_ds.cli", "edge_ds.__main__"):  # `python -m edge_ds` is the CLI's entry
         return "cli"
     return "converters" if module.split(".")[0] == "converters" else "runtime"
 

@@ -333,3 +333,11 @@ def test_legacy_spellings_fold_in_as_transformers_folds_them():
     assert ours.compress_rope_scaling["attention_factor"] == 1.0 and ours.rope_scaling is None
     again = DeepseekV4Config(**{k: v for k, v in ours.to_dict().items() if k != "model_type"})
     assert again.layer_types == theirs.layer_types and again.rope_parameters["compress"]["factor"] == 16
+
+
+def test_a_batch_equals_its_sequences_run_alone(v4):
+    _, _, model = v4["a"]
+    toks = tokens(128, 2 * 40, seed=9).reshape(2, 40)
+    both = np.array(model(mx.array(toks)))
+    for b in range(2):
+        np.testing.assert_allclose(both[b], np.array(model(mx.array(toks[b:b + 1])))[0], rtol=1e-5, atol=1e-5)

@@ -44,7 +44,7 @@ def why_default(directory: Path) -> tuple[str, str]:
         return DEFAULT, "Apple Silicon: Metal and unified memory"
     for name in names():
         if name != DEFAULT and importlib.import_module(f"{__name__}.{name}").detect(directory):
-            return name, f"the directory holds a {name} export, faster than MLX on this CPU"
+            return name, f"the directory holds its {name} export, faster than MLX on this CPU"
     return DEFAULT, "no faster export in the directory"
 
 

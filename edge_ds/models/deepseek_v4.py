@@ -80,6 +80,7 @@ class Attention(nn.Module):
                     entries = mx.take_along_axis(entries, chosen[:, :, :, None], axis=2)  # [B, 1, k, hd]
                     seen = mx.where(ok, 0.0, -mx.inf)
                 rows = mx.concatenate([rows, entries.astype(rows.dtype)], axis=2)
+                seen = mx.broadcast_to(seen, (B, *seen.shape[1:]))  # HCA's [1, L, T] serves every sequence
                 mask = mx.concatenate([mx.broadcast_to(mask, (B, 1, L, S)), seen[:, None]], axis=-1)
         cache.offset += L
 

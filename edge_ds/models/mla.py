@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from ..config import ModelConfig
 from .indexer import LightningIndexer
-from .layers import HeadLinear, Linear
+from .layers import HeadLinear, Linear, dense_prefill, matmul
 from .rope import RoPE
 
 
@@ -116,12 +116,14 @@ class MLA(nn.Module):
         return self.unembed_out(p @ c_all)  # [B, H, L, v]
 
     def _expanded(self, q_nope, q_pe, c_all, k_pe_all, mask):
+        # Prefill: the [L, T] products are large, so on a CPU without a fast BLAS they go through numpy's.
+        mm = matmul if dense_prefill(q_nope.shape[2]) else mx.matmul
         k_nope = self.latent_to_nope(c_all)  # [B, H, T, nope]
         v = self.unembed_out(c_all)  # [B, H, T, v]
-        scores = (q_nope * self.scale) @ k_nope.swapaxes(-1, -2)
-        scores = scores + (q_pe * self.scale) @ k_pe_all.swapaxes(-1, -2)  # k_pe is shared by all heads
+        scores = mm(q_nope * self.scale, k_nope.swapaxes(-1, -2))
+        scores = scores + mm(q_pe * self.scale, k_pe_all.swapaxes(-1, -2))  # k_pe is shared by all heads
         p = _softmax(scores, mask)
-        return p @ v
+        return mm(p, v)
 
 
 def _and_chosen(mask: mx.array | None, chosen: mx.array, T: int) -> mx.array:
