@@ -356,6 +356,12 @@ class BatchWorker(ModelWorker):
                                                   code="context_length_exceeded" if over else None)))
             self._done(job)
             return
+        try:
+            lm.check_ids(ids)  # a tokenizer of another model would make the model read past its embedding
+        except EdgeDSError as e:  # the model directory's fault, not the request's (as in ModelWorker)
+            job.events.put(("error", RequestError(str(e), status=500, kind="server_error")))
+            self._done(job)
+            return
         set_seed(opts.seed)
         row = Row(ids=ids, sampler=make_sampler(opts.temperature, opts.top_p, opts.top_k, opts.min_p),
                   max_tokens=max_tokens, penalty=opts.repetition_penalty,

@@ -7,6 +7,7 @@ import json
 import queue
 import socket
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -163,3 +164,15 @@ def test_backends_that_cannot_batch_queue_instead():
         assert type(srv.worker) is ModelWorker
     finally:
         srv.close()
+
+
+def test_ids_outside_the_vocabulary_are_a_500_not_a_crash(server, lm, monkeypatch):
+    encode = lm.tokenizer.encode
+    monkeypatch.setattr(lm.tokenizer, "encode", lambda *a, **k: encode(*a, **k) + [10 ** 6])
+    req = urllib.request.Request(server.url + "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 2}).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 500 and "outside the model's vocabulary" in json.loads(e.value.read())["error"]["message"]
+    monkeypatch.undo()
+    assert post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})["choices"][0]["text"]
