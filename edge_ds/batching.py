@@ -40,8 +40,10 @@ from .sampling import Sampler, apply_repetition_penalty
 def supported(lm: Any) -> str | None:
     """None when `lm` can decode in batches here, else why not (in words)."""
     backend = lm.backend
-    if getattr(backend, "name", "") != "mlx" or not hasattr(backend, "model"):
+    if getattr(backend, "name", "") != "mlx":
         return f"the {getattr(backend, 'name', '?')} backend decodes one request at a time"
+    if not hasattr(backend, "model"):  # --parallel's driver: every forward call must reach every rank
+        return "this backend runs its forward calls itself (--parallel), not through a model to batch"
     cache = backend.make_cache()
     if not isinstance(cache, PromptCache) or not all(type(c) is LatentCache for c in cache):
         return "this model's caches are not plain latent caches (DeepSeek-V4)"

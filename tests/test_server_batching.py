@@ -176,3 +176,11 @@ def test_ids_outside_the_vocabulary_are_a_500_not_a_crash(server, lm, monkeypatc
     assert e.value.code == 500 and "outside the model's vocabulary" in json.loads(e.value.read())["error"]["message"]
     monkeypatch.undo()
     assert post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})["choices"][0]["text"]
+
+
+def test_a_backend_that_hides_its_model_is_not_batched(lm):
+    """--parallel's driver forwards every call to every rank: the engine must not go around it."""
+    from types import SimpleNamespace
+
+    driver = SimpleNamespace(name="mlx", config=lm.config, make_cache=lm.backend.make_cache)
+    assert "--parallel" in supported(SimpleNamespace(backend=driver))
