@@ -9,8 +9,9 @@ directories and loaded the way `edge-ds` loads them:
     MoE layers hash-routed), 28 experts top-6 of width 512 plus one shared;
   - V3-shaped: benchmarks/bench_model.py's configuration (the README's reference model).
 For contexts 128, 2k and 8k it reports prompt tok/s (prefill in 512-token chunks, as generate()
-does), decode tok/s (median of trials), peak memory and the prompt cache's bytes; then V4's
-decode at 25% and 10% expert budgets against resident.
+does), decode tok/s (bursts taken round-robin over the contexts' caches, median), peak memory
+and the prompt cache's bytes; then V4's decode at 25% and 10% expert budgets against resident
+(measured after the contexts, so compare them with care on a machine whose load moves).
 
     python benchmarks/v4_bench.py [--contexts 128,2048,8192] [--trials 3] [--out DIR] [--json]
 """
@@ -94,18 +95,28 @@ def decode(model, cache, tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def run(model, context: int, trials: int, decode_tokens: int) -> dict:
-    """Prompt and decode tok/s (medians), peak memory and cache bytes after `context` tokens."""
+def run(model, contexts: list[int], trials: int, decode_tokens: int) -> list[dict]:
+    """Per context: prompt tok/s (median of trials, each from an empty cache), then decode tok/s
+    measured round-robin over the contexts' caches in bursts of decode_tokens (median), so a
+    change in the machine's load hits every context alike; peak memory and the cache's bytes."""
     vocab = model.config.vocab_size
-    prompt, gen, peak, cache_bytes = [], [], 0, 0
-    for t in range(trials):
-        mx.reset_peak_memory()
-        cache = model.make_cache()
-        prompt.append(prefill(model, cache, mx.random.randint(0, vocab, (1, context), key=mx.random.key(t))))
-        gen.append(decode(model, cache, decode_tokens))
-        peak, cache_bytes = max(peak, mx.get_peak_memory()), cache.nbytes
-    return {"context": context, "prompt_tps": statistics.median(prompt), "decode_tps": statistics.median(gen),
-            "peak_memory_gb": peak / 1e9, "cache_mb": cache_bytes / 1e6}
+    rows, caches = [], []
+    for c in contexts:
+        prompt, peak = [], 0
+        for t in range(trials):
+            mx.reset_peak_memory()
+            cache = model.make_cache()
+            prompt.append(prefill(model, cache, mx.random.randint(0, vocab, (1, c), key=mx.random.key(t))))
+            peak = max(peak, mx.get_peak_memory())
+        caches.append(cache)
+        rows.append({"context": c, "prompt_tps": statistics.median(prompt), "peak_memory_gb": peak / 1e9})
+    bursts = [[] for _ in contexts]
+    for _ in range(trials + 1):
+        for i, cache in enumerate(caches):
+            bursts[i].append(decode(model, cache, decode_tokens))
+    for row, cache, b in zip(rows, caches, bursts):
+        row.update(decode_tps=statistics.median(b[1:]), cache_mb=cache.nbytes / 1e6)  # the first: warm-up
+    return rows
 
 
 def main() -> None:
@@ -123,13 +134,13 @@ def main() -> None:
         model = load_model(d)
         params = sum(v.size for _, v in tree_flatten(model.parameters()))
         result[f"{name}_packed_params"] = params
-        result["rows"][name] = [run(model, c, args.trials, args.decode_tokens) for c in contexts]
+        result["rows"][name] = run(model, contexts, args.trials, args.decode_tokens)
         del model
     resident = result["rows"]["v4"][0]["decode_tps"]
     for budget in ("25%", "10%"):
         model = load_model(dirs["v4"], routed_experts=False)
         attach_experts(model, dirs["v4"], budget)
-        result["budgets"][budget] = run(model, contexts[0], args.trials, args.decode_tokens)
+        result["budgets"][budget] = run(model, contexts[:1], args.trials, args.decode_tokens)[0]
         del model
     if args.json:
         print(json.dumps(result, indent=2))

@@ -182,7 +182,7 @@ def test_generation_on_a_worker_thread_exits_cleanly():
     code = textwrap.dedent("""
         import threading
         import edge_ds
-        lm = edge_ds.load()
+        lm = edge_ds.load(backend="mlx")  # MLX's streams on a worker thread (the default may be onnx)
         out = []
         def work():
             out.append(lm.generate("In the beginning", max_tokens=8).text)

@@ -28,7 +28,7 @@ def index_scores(q: mx.array, weights: mx.array, keys: mx.array) -> mx.array:
     """q [B, H, L, d], weights [B, L, H] (scale folded in), keys [B, 1, T, d] -> scores [B, L, T] (float32)."""
     q, keys, weights = q.astype(mx.float32), keys.astype(mx.float32), weights.astype(mx.float32)
     if q.shape[2] == 1:  # decode: all heads at once is small
-        per_head = mx.maximum(q @ keys.swapaxes(-1, -2), 0)  # [B, H, 1, T]
+        per_head = mx.maximum(matmul(q, keys.swapaxes(-1, -2)), 0)  # [B, H, 1, T]
         return (per_head * weights.swapaxes(-1, -2)[..., None]).sum(axis=1)
     # Prefill: one head at a time, so memory is [B, L, T] and not H times that.
     total = None
