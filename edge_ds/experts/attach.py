@@ -35,15 +35,22 @@ def attach_experts(model, directory: str | Path, budget: int | str, policy: str 
     cache = ExpertCache(store, slots, make_policy(policy), k, prefetch=prefetch)
     layers = cfg.moe_layers
     for i, l in enumerate(layers):
-        quant = {}
-        for proj in EXPERT_PROJS:
-            q = None
-            if f"{proj}.scales" in store.tensors[l]:
-                q = quantization_for(cfg, stacked_name(l, proj).removesuffix(".weight"))
-                if q is None:
-                    raise EdgeDSError(f"{Path(directory) / CONFIG_FILE}: layer {l}'s {proj} experts are quantized "
-                                      "but config.json has no 'quantization'")
-            quant[proj] = q
+        quant = expert_quantization(store, l, directory)
         ahead = [(m, model.layers[m].mlp.gate) for m in layers[i + 1: i + 1 + lookahead]]
         model.layers[l].mlp.switch_mlp = LazySwitchGLU(l, cache, quant, ahead)
     return cache
+
+
+def expert_quantization(store: ExpertStore, layer: int, directory: str | Path) -> dict[str, dict | None]:
+    """proj -> the quantization of MoE layer `layer`'s stacked experts (None where stored in float)."""
+    cfg = store.cfg
+    quant = {}
+    for proj in EXPERT_PROJS:
+        q = None
+        if f"{proj}.scales" in store.tensors[layer]:
+            q = quantization_for(cfg, stacked_name(layer, proj).removesuffix(".weight"))
+            if q is None:
+                raise EdgeDSError(f"{Path(directory) / CONFIG_FILE}: layer {layer}'s {proj} experts are quantized "
+                                  "but config.json has no 'quantization'")
+        quant[proj] = q
+    return quant

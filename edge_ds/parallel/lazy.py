@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import EdgeDSError, OptionError
+from ..errors import OptionError
 from ..experts.budget import format_bytes, parse_budget
 from ..experts.policy import make_policy
 from ..experts.slots import ExpertCache
 from ..experts.store import ExpertStore
+from ..experts.attach import expert_quantization
 from ..experts.switch import LazySwitchGLU
-from ..layout import CONFIG_FILE, EXPERT_PROJS, quantization_for, stacked_name
 
 
 class ShardStore(ExpertStore):
@@ -49,14 +49,6 @@ def attach_shard(model, directory: Path, owned: list[int], budget: int | str, po
                                            f"on this rank; one token may need {k} of its experts at once")
     cache = ExpertCache(store, slots, make_policy(policy), k, prefetch=False)
     for l in cfg.moe_layers:
-        quant = {}
-        for proj in EXPERT_PROJS:
-            q = None
-            if f"{proj}.scales" in store.tensors[l]:
-                q = quantization_for(cfg, stacked_name(l, proj).removesuffix(".weight"))
-                if q is None:
-                    raise EdgeDSError(f"{Path(directory) / CONFIG_FILE}: layer {l}'s {proj} experts are quantized "
-                                      "but config.json has no 'quantization'")
-            quant[proj] = q
+        quant = expert_quantization(store, l, directory)
         model.layers[l].mlp.switch_mlp = LazySwitchGLU(l, cache, quant, [])
     return cache
