@@ -172,15 +172,19 @@ class ModelWorker:
     def submit(self, job: Job) -> None:
         """Queues the job; raises Busy (429) when max_queued jobs are already queued or running."""
         with self._lock:
-            if self._closed:
-                raise _stopped()
-            if len(self._jobs) >= self.max_queued:
-                raise Busy(f"the server is busy: {len(self._jobs)} generation requests are queued or running "
-                           f"(the limit is {self.max_queued}); retry after {self.retry_after} s",
-                           status=429, code="queue_full", retry_after=self.retry_after)
-            self._jobs.append(job)
-            self._idle.clear()
+            self._enqueue(job)
         model_thread().submit(lambda: self._run(job))
+
+    def _enqueue(self, job: Job) -> None:
+        """Adds the job under the lock held by the caller; raises Busy (429) past max_queued."""
+        if self._closed:
+            raise _stopped()
+        if len(self._jobs) >= self.max_queued:
+            raise Busy(f"the server is busy: {len(self._jobs)} generation requests are queued or running "
+                       f"(the limit is {self.max_queued}); retry after {self.retry_after} s",
+                       status=429, code="queue_full", retry_after=self.retry_after)
+        self._jobs.append(job)
+        self._idle.clear()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """True once no job is queued or running."""
@@ -283,15 +287,8 @@ class BatchWorker(ModelWorker):
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._closed:
-                raise _stopped()
-            if len(self._jobs) >= self.max_queued:
-                raise Busy(f"the server is busy: {len(self._jobs)} generation requests are queued or running "
-                           f"(the limit is {self.max_queued}); retry after {self.retry_after} s",
-                           status=429, code="queue_full", retry_after=self.retry_after)
-            self._jobs.append(job)
+            self._enqueue(job)
             self._incoming.append(job)
-            self._idle.clear()
             start = not self._looping
             self._looping = True
         if start:

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the torch backend needs the dev or torch extra")
 
 from edge_ds.datacenter import (FP8Linear, act_quant, fp8_gemm, fp8_gemm_emulated, weight_dequant,  # noqa: E402
                                 weight_quant)

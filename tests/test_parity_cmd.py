@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the torch backend needs the dev or torch extra")
 pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402

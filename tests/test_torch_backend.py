@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the torch backend needs the dev or torch extra")
 transformers = pytest.importorskip("transformers")
 
 from edge_ds.backends import torch as torch_backend  # noqa: E402
