@@ -2,23 +2,28 @@
 to N requests run as one batch over latent caches of different lengths; requests join and leave
 between steps, and a newcomer's prompt is prefilled one chunk per step so the others keep decoding.
 
-How rows of different lengths share one forward pass without any change to the model:
-  * each layer's cache is a _RowsCache: latent rows [B, 1, capacity, D] right-padded, with every
-    row's own length; its `offset` is the array of those lengths, which MLA hands to RoPE
+How rows of different lengths share one forward pass without any change to the model (a backend's
+`batch_rows()` object, or MlxRows for the MLX backend, holds the batch's caches):
+  * MLX (MlxRows): each layer's cache is a _RowsCache: latent rows [B, 1, capacity, D] right-padded,
+    with every row's own length; its `offset` is the array of those lengths, which MLA hands to RoPE
     (mx.fast.rope takes one offset per batch row, bit-identical to one row at a time), so every
-    row's new token is rotated at its own position;
-  * a mask [B, 1, 1, T] hides, for each row, the columns past its length (the padding);
-  * a newcomer is prefilled alone, on an ordinary PromptCache (exactly as a lone request would be),
-    then its rows are copied into the batch; a row that ends is cut out. Copies happen only when
-    the batch changes, not per step.
+    row's new token is rotated at its own position, and a mask [B, 1, 1, T] hides, for each row, the
+    columns past its length (the padding);
+  * ONNX (backends/onnx.py OnnxRows): the exported graph already takes position_ids [B, 1] and an
+    attention_mask [B, T] per row, so rows are left-padded (each row's latents end at the last
+    column), the mask is 0 on each row's padding and each row's position is its own length;
+  * a newcomer is prefilled alone, on an ordinary cache (exactly as a lone request would be), then
+    its rows are copied into the batch; a row that ends is cut out. Copies happen only when the
+    batch changes, not per step.
 Sampling, the repetition penalty and logprobs run per row on that row's logits, so each request
-keeps its own options. Greedy answers equal those of the request run alone (the test holds 8
-concurrent requests of different lengths to it); sampled ones draw from MLX's one global random
-stream in batch order, so a seed does not reproduce a lone run.
+keeps its own options. Greedy answers equal those of the request run alone (the tests hold 8
+concurrent requests of different lengths to it, on both backends); sampled ones draw from MLX's one
+global random stream in batch order, so a seed does not reproduce a lone run.
 
-Only the MLX backend on models whose every layer is MLA with a plain latent cache (DeepSeek
-V2/V3/R1/V3.1, Kimi-K2, Moonlight; not V3.2's indexer nor V4's compressed caches) batches;
-`supported()` says why not otherwise, and the server then queues as before.
+The MLX backend batches models whose every layer is MLA with a plain latent cache (DeepSeek
+V2/V3/R1/V3.1, Kimi-K2, Moonlight; not V3.2's indexer nor V4's compressed caches); the ONNX backend
+batches exports whose onnx.json lists per-row position_ids and attention_mask. `supported()` says
+why not otherwise, and the server then queues as before.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -37,9 +42,25 @@ from .generate import PREFILL_STEP, GenerationStats, TokenLogprob, token_logprob
 from .sampling import Sampler, apply_repetition_penalty
 
 
+class Rows(Protocol):
+    """The caches of the rows decoding together (MlxRows; a backend's batch_rows())."""
+
+    def join(self, cache: PromptCache) -> None:
+        """Appends a row: a lone request's cache, prefilled (one copy)."""
+
+    def decode(self, tokens: list[int]) -> mx.array:
+        """One token per row at each row's own position; returns logits [B, vocab]."""
+
+    def keep(self, index: list[int]) -> None:
+        """Keeps only these rows, in this order (one copy)."""
+
+
 def supported(lm: Any) -> str | None:
     """None when `lm` can decode in batches here, else why not (in words)."""
     backend = lm.backend
+    why_not = getattr(backend, "why_not_batched", None)
+    if why_not is not None:  # a backend that holds its own batch (batch_rows)
+        return why_not()
     if getattr(backend, "name", "") != "mlx":
         return f"the {getattr(backend, 'name', '?')} backend decodes one request at a time"
     if not hasattr(backend, "model"):  # --parallel's driver: every forward call must reach every rank
@@ -51,6 +72,12 @@ def supported(lm: Any) -> str | None:
     if any("indexer" in getattr(layer, "self_attn", {}) for layer in layers):
         return "this model's sparse-attention indexer (DeepSeek-V3.2) reads one cache length"
     return None
+
+
+def make_rows(backend: Any) -> Rows:
+    """The batch's caches for `backend` (one that supported() accepts)."""
+    own = getattr(backend, "batch_rows", None)
+    return own() if own is not None else MlxRows(backend.model)
 
 
 class _RowsCache:
@@ -78,6 +105,47 @@ class _RowsCache:
         self.latent[mx.arange(B), 0, mx.array(self.lengths)] = new[:, 0, 0]
         self.lengths = [n + 1 for n in self.lengths]
         return self.latent[:, :, :end]
+
+
+class MlxRows:
+    """The MLX model's batch: one _RowsCache per layer, a padding mask per step."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self._caches: list[_RowsCache] | None = None
+
+    def join(self, cache: PromptCache) -> None:
+        single = [c.latent[:, :, :c.offset] for c in cache]
+        n = cache[0].offset
+        if self._caches is None:
+            self._caches = [_RowsCache(lat, [n]) for lat in single]
+            return
+        for rc, lat in zip(self._caches, single):
+            cap = max(rc.latent.shape[2], lat.shape[2])
+            pad = lambda a: a if a.shape[2] == cap else mx.concatenate(  # noqa: E731
+                [a, mx.zeros((a.shape[0], 1, cap - a.shape[2], a.shape[3]), a.dtype)], axis=2)
+            rc.latent = mx.concatenate([pad(rc.latent), pad(lat.astype(rc.latent.dtype))], axis=0)
+            rc.lengths.append(n)
+        mx.eval([rc.latent for rc in self._caches])
+
+    def decode(self, tokens: list[int]) -> mx.array:
+        caches = self._caches
+        lengths = caches[0].lengths
+        T = max(lengths) + 1
+        cols = mx.arange(T)[None, :]
+        valid = cols < (mx.array(lengths)[:, None] + 1)  # [B, T]: a row's own columns and its new one
+        mask = mx.where(valid, 0.0, -mx.inf).astype(caches[0].latent.dtype)[:, None, None, :]
+        return self.model(mx.array([[t] for t in tokens]), cache=caches, mask=mask, last_only=True)[:, -1, :]
+
+    def keep(self, index: list[int]) -> None:
+        if not index:
+            self._caches = None
+            return
+        rows = mx.array(index)
+        for rc in self._caches:
+            rc.latent = rc.latent[rows]
+            rc.lengths = [rc.lengths[b] for b in index]
+        mx.eval([rc.latent for rc in self._caches])
 
 
 @dataclass
@@ -111,12 +179,12 @@ class BatchEngine:
 
     def __init__(self, lm: Any, max_rows: int, prefill_step: int = PREFILL_STEP):
         self.lm = lm
-        self.model = lm.backend.model
+        self.backend = lm.backend
         self.max_rows = max_rows
         self.prefill_step = prefill_step
         self.waiting: list[Row] = []  # not yet prefilled, in arrival order
         self.rows: list[Row] = []  # decoding, in batch order
-        self._caches: list[_RowsCache] | None = None
+        self._rows: Rows | None = None  # the decoding rows' caches
 
     @property
     def busy(self) -> bool:
@@ -148,11 +216,11 @@ class BatchEngine:
             row.cache = self.lm.backend.make_cache()
         todo = row.ids[row.done_prefill:]
         if len(todo) > self.prefill_step:
-            self.model(mx.array([todo[:self.prefill_step]]), cache=row.cache)
+            self.backend(mx.array([todo[:self.prefill_step]]), cache=row.cache)  # as generate_tokens does
             mx.eval([c.state for c in row.cache])
             row.done_prefill += self.prefill_step
             return
-        logits = self.model(mx.array([todo]), cache=row.cache, last_only=True)[:, -1, :]
+        logits = self.backend(mx.array([todo]), cache=row.cache)[:, -1, :]
         row.cache.tokens.extend(row.ids)
         self.waiting.remove(row)
         token = self._sample(row, logits)
@@ -167,32 +235,16 @@ class BatchEngine:
 
     def _join(self, row: Row) -> None:
         """Copies the newcomer's cache rows into the batch (one copy per join)."""
-        single = [c.latent[:, :, :c.offset] for c in row.cache]
-        n = row.cache[0].offset
+        if self._rows is None:
+            self._rows = make_rows(self.backend)
+        self._rows.join(row.cache)
         row.cache = None
-        if self._caches is None:
-            self._caches = [_RowsCache(lat, [n]) for lat in single]
-        else:
-            for rc, lat in zip(self._caches, single):
-                cap = max(rc.latent.shape[2], lat.shape[2])
-                pad = lambda a: a if a.shape[2] == cap else mx.concatenate(  # noqa: E731
-                    [a, mx.zeros((a.shape[0], 1, cap - a.shape[2], a.shape[3]), a.dtype)], axis=2)
-                rc.latent = mx.concatenate([pad(rc.latent), pad(lat.astype(rc.latent.dtype))], axis=0)
-                rc.lengths.append(n)
-            mx.eval([rc.latent for rc in self._caches])
         self.rows.append(row)
 
     # --- decode: every row one token, in one forward pass ---
 
     def _decode(self) -> None:
-        caches = self._caches
-        lengths = caches[0].lengths
-        T = max(lengths) + 1
-        cols = mx.arange(T)[None, :]
-        valid = cols < (mx.array(lengths)[:, None] + 1)  # [B, T]: a row's own columns and its new one
-        mask = mx.where(valid, 0.0, -mx.inf).astype(caches[0].latent.dtype)[:, None, None, :]
-        tokens = mx.array([[r.last] for r in self.rows])
-        logits = self.model(tokens, cache=caches, mask=mask, last_only=True)[:, -1, :]
+        logits = self._rows.decode([r.last for r in self.rows])
         picked = [self._sample(r, logits[b:b + 1]) for b, r in enumerate(self.rows)]
         mx.eval(picked)
         for b, (r, t) in enumerate(zip(self.rows, picked)):
@@ -224,7 +276,7 @@ class BatchEngine:
         for r in self.waiting + self.rows:
             r.out.put(error)
             r.on_done()
-        self.waiting, self.rows, self._caches = [], [], None
+        self.waiting, self.rows, self._rows = [], [], None
 
     def _drop_finished(self) -> None:
         keep = [b for b, r in enumerate(self.rows) if not self._finished(r)]
@@ -235,13 +287,9 @@ class BatchEngine:
                 _finish(r)
         self.rows = [self.rows[b] for b in keep]
         if not keep:
-            self._caches = None
+            self._rows = None
             return
-        index = mx.array(keep)
-        for rc in self._caches:  # one copy per leave
-            rc.latent = rc.latent[index]
-            rc.lengths = [rc.lengths[b] for b in keep]
-        mx.eval([rc.latent for rc in self._caches])
+        self._rows.keep(keep)  # one copy per leave
 
 
 def _finish(row: Row) -> None:

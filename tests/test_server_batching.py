@@ -29,6 +29,17 @@ def lm():
 
 
 @pytest.fixture(scope="module")
+def lm_onnx():
+    """The shipped model's ONNX export (its graph takes per-row positions and attention masks)."""
+    return edge_ds.load(backend="onnx")
+
+
+@pytest.fixture(params=["mlx", "onnx"])
+def either(request, lm, lm_onnx):
+    return lm if request.param == "mlx" else lm_onnx
+
+
+@pytest.fixture(scope="module")
 def server(lm):
     srv = make_server(lm, "127.0.0.1", 0, quiet=True, max_concurrency=4)
     srv.start()
@@ -59,9 +70,10 @@ def together(fns) -> list:
     return out
 
 
-def test_the_engine_joins_and_drops_rows_between_steps(lm):
+def test_the_engine_joins_and_drops_rows_between_steps(either):
     """Rows of different lengths join while others decode (prefill in chunks of 4 tokens) and leave at
-    different steps; every row's tokens are the lone greedy run's."""
+    different steps; every row's tokens are the lone greedy run's (MLX; the ONNX export's graph)."""
+    lm = either
     assert supported(lm) is None
     eos = set(lm.tokenizer.eos_ids)
     want = [lm.generate(p, max_tokens=20 + 3 * i, chat_template=False).tokens for i, p in enumerate(PROMPTS)]
@@ -88,7 +100,8 @@ def test_the_engine_joins_and_drops_rows_between_steps(lm):
         assert [t for t in got if t not in eos] == w
 
 
-def test_eight_concurrent_requests_equal_their_lone_answers(lm):
+def test_eight_concurrent_requests_equal_their_lone_answers(either):
+    lm = either
     srv = make_server(lm, "127.0.0.1", 0, quiet=True, max_concurrency=8)
     srv.start()
     try:
@@ -156,14 +169,39 @@ def test_a_client_leaving_cancels_only_its_own_row(server, lm):
     assert server.worker._engine.rows == [] and server.worker._engine.waiting == []
 
 
-def test_backends_that_cannot_batch_queue_instead():
-    lm_onnx = edge_ds.load(backend="onnx")
-    assert "onnx" in supported(lm_onnx)
-    srv = make_server(lm_onnx, "127.0.0.1", 0, quiet=True, max_concurrency=4)
+def test_an_onnx_export_without_per_row_inputs_queues_and_says_why(lm_onnx, tmp_path, capsys):
+    """An export whose onnx.json does not list per-row position_ids / attention_mask is served one
+    request at a time, with the reason said at start."""
+    from edge_ds.resources import default_model_path
+
+    src = default_model_path()
+    for f in src.iterdir():
+        if f.is_file():
+            (tmp_path / f.name).symlink_to(f)
+    manifest = json.loads((src / "onnx.json").read_text())
+    manifest["inputs"]["position_ids"] = [1, "seq"]
+    (tmp_path / "onnx.json").unlink()
+    (tmp_path / "onnx.json").write_text(json.dumps(manifest))
+    old = edge_ds.load(tmp_path, backend="onnx")
+    why = supported(old)
+    assert "position_ids" in why and "re-export" in why
+    srv = make_server(old, "127.0.0.1", 0, quiet=False, max_concurrency=4)
     try:
         assert type(srv.worker) is ModelWorker
+        assert f"not batching ({why}); one request at a time" in capsys.readouterr().err
+        assert supported(lm_onnx) is None  # the shipped export's manifest lists them
+        srv2 = make_server(lm_onnx, "127.0.0.1", 0, quiet=True, max_concurrency=4)
+        assert isinstance(srv2.worker, BatchWorker)
+        srv2.close()
     finally:
         srv.close()
+
+
+def test_other_backends_queue_instead(lm):
+    from types import SimpleNamespace
+
+    torch_like = SimpleNamespace(backend=SimpleNamespace(name="torch", config=lm.config))
+    assert "torch backend decodes one request at a time" in supported(torch_like)
 
 
 def test_ids_outside_the_vocabulary_are_a_500_not_a_crash(server, lm, monkeypatch):

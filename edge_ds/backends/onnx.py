@@ -4,6 +4,10 @@ OnnxModel implements the backend interface (edge_ds/backend.py), so generation, 
 chat and the server run unchanged on it. The latent cache stays in
 onnxruntime-owned OrtValues: each step binds the previous step's present_latent.{i} outputs
 as past_latent.{i} inputs (IOBinding), so the cache is never copied through numpy.
+
+OnnxRows is the server's continuous batch (edge_ds/batching.py) on the same graph: its inputs
+already take one position and one attention-mask row per batch row, so requests with caches of
+different lengths decode in one run.
 """
 
 from __future__ import annotations
@@ -158,10 +162,92 @@ class OnnxModel:
         cache.mask = mask
         return logits.numpy()
 
+    def why_not_batched(self) -> str | None:
+        """None when the export's graph can decode rows of different lengths together (batch_rows), else
+        why not: decided from onnx.json, which lists the graph's inputs and their axes."""
+        inputs = self.manifest.get("inputs")
+        if not isinstance(inputs, dict):
+            return f"this export's {MANIFEST} lists no graph inputs (re-export it with `edge-ds export-onnx`)"
+        wanted = {"position_ids": ["batch", "seq"], "attention_mask": ["batch", "total_seq"]}
+        for name, axes in wanted.items():
+            if inputs.get(name) != axes:
+                return (f"this export's graph has no per-row {name} {axes} (its {MANIFEST} lists "
+                        f"{inputs.get(name)}); re-export it with `edge-ds export-onnx`")
+        return None
+
+    def batch_rows(self) -> "OnnxRows":
+        return OnnxRows(self)
+
     def _resize(self, cache: OrtCache, batch: int) -> OrtCache:
         fresh = self.make_cache(batch)
         cache.layers, cache.mask = fresh.layers, fresh.mask
         return cache
+
+
+class OnnxRows:
+    """The rows of a continuous batch (batching.Rows) on the exported graph. Each layer's latents
+    [B, 1, T, D] are left-padded: every row's tokens end at the last column, where the graph appends
+    the step's new one; attention_mask [B, T] is 0 on each row's padding (the graph turns it into
+    -1e9 before the softmax, so padding weighs exactly 0) and each row's position_ids is its own
+    length. A lone request's cache holds no padding, so a row sees what it would see alone."""
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+        self.latents: list[ort.OrtValue] = []
+        self.mask = np.zeros((0, 0), np.int64)
+        self.lengths: list[int] = []  # each row's tokens (its next position)
+
+    def join(self, cache: OrtCache) -> None:
+        """Appends a lone request's cache [1, 1, n, D] as the last row (one copy of the batch)."""
+        if cache.mask.shape[0] != 1 or not cache.mask.all():
+            raise EdgeDSError("a batch row must come from one unpadded sequence's cache")
+        n, T = cache.offset, self.mask.shape[1]
+        width = max(n, T)
+        olds = [v.numpy() for v in self.latents] or [None] * len(cache.layers)
+        self.latents = [ort.OrtValue.ortvalue_from_numpy(np.concatenate(
+            ([_left_pad(old, width)] if old is not None else []) + [_left_pad(layer.value.numpy(), width)]))
+            for old, layer in zip(olds, cache.layers)]
+        self.mask = np.concatenate([_left_pad(self.mask, width), _left_pad(np.ones((1, n), np.int64), width)])
+        self.lengths.append(n)
+
+    def decode(self, tokens: list[int]) -> mx.array:
+        """One step for every row; returns logits [B, vocab]."""
+        B = len(tokens)
+        if max(self.lengths) + 1 > self.model.config.max_position_embeddings:
+            raise ContextLengthError(f"{max(self.lengths) + 1} positions exceed the model's max_position_embeddings "
+                                     f"({self.model.config.max_position_embeddings})")
+        mask = np.concatenate([self.mask, np.ones((B, 1), np.int64)], axis=1)
+        binding = self.model.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array(tokens, np.int64).reshape(B, 1))
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", np.array(self.lengths, np.int64).reshape(B, 1))
+        binding.bind_cpu_input("logits_to_keep", np.array([1], np.int64))
+        for i, value in enumerate(self.latents):
+            binding.bind_ortvalue_input(f"past_latent.{i}", value)
+        for name in self.model._outputs:
+            binding.bind_output(name, "cpu")
+        self.model.session.run_with_iobinding(binding)
+        logits, *self.latents = binding.get_outputs()
+        self.mask = mask
+        self.lengths = [n + 1 for n in self.lengths]
+        return mx.array(logits.numpy()[:, -1, :])
+
+    def keep(self, index: list[int]) -> None:
+        """Keeps these rows and drops the columns that are padding in all of them (one copy)."""
+        width = max(self.lengths[b] for b in index)
+        start = self.mask.shape[1] - width
+        self.latents = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[index, :, start:]))
+                        for v in self.latents]
+        self.mask = np.ascontiguousarray(self.mask[index, start:])
+        self.lengths = [self.lengths[b] for b in index]
+
+
+def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
+    """Zeros before axis 2 (latents [B, 1, T, D]) or axis 1 (masks [B, T]) up to `width` columns."""
+    axis = 2 if a.ndim == 4 else 1
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (width - a.shape[axis], 0)
+    return np.pad(a, pad) if pad[axis][0] else a
 
 
 def detect(directory: Path) -> bool:
