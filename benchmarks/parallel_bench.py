@@ -1,10 +1,14 @@
-"""Expert parallelism on one machine: per-rank bytes and memory, tok/s, traffic and collective time.
+"""Expert, tensor or pipeline parallelism on one machine: per-rank bytes and memory, tok/s, traffic
+and collective time.
 
     python benchmarks/parallel_bench.py MODEL_DIR                       # one process
-    mlx.launch -n 2 --backend ring --python "$(which python)" benchmarks/parallel_bench.py MODEL_DIR [expert|pipeline]
+    mlx.launch -n 2 --backend ring --python "$(which python)" benchmarks/parallel_bench.py MODEL_DIR \
+        [expert|tensor|pipeline]
 
 Prints one JSON line from rank 0. The all_sum latency is measured before the model loads (every
-rank runs it), on the [1, hidden] float32 vector each MoE layer sums per decoded token.
+rank runs it), on the [1, hidden] float32 vector each MoE layer (expert) or each attention and
+feed-forward block (tensor) sums per decoded token; time in collectives per token is that latency
+times the collectives per token (an estimate: inside a forward the sums wait on the slower rank too).
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ def main(path: str, mode: str = "expert", prompt: int = 128, gen: int = 64, tria
         d = cfg.hidden_size * 4
         out.update(collectives_per_token=2 + 2 * (size - 1),  # step header and ids; a send/recv per boundary; logits
                    bytes_between_ranks_per_token=(size - 1) * d + cfg.vocab_size * 4, allsum_us=round(allsum_us, 1))
+    elif size > 1 and mode == "tensor":
+        d = cfg.hidden_size * 4
+        n = 2 * cfg.num_hidden_layers  # after o_proj and after each feed-forward block, every layer
+        out.update(collectives_per_token=n + 2, allsum_payload_bytes_per_token=n * d + 8 * 4 + 4,
+                   allsum_us=round(allsum_us, 1), collective_ms_per_token_est=round((n + 2) * allsum_us / 1000, 2))
     elif size > 1:
         d = cfg.hidden_size * 4  # float32 on the CPU (bfloat16 on Metal: half)
         out.update(collectives_per_token=moe_layers + 2,  # one all_sum per MoE layer + the step header and ids

@@ -233,13 +233,13 @@ def _print_stats(stats, lm) -> None:
 
 
 def parallel_option(f):
-    """--parallel expert|pipeline: the model split over the ranks `mlx.launch` started (README, Several machines),
-    passed to load() with the `experts` dict (or `backend_options` where a command has no experts)."""
+    """--parallel expert|tensor|pipeline: the model split over the ranks `mlx.launch` started (README, Several
+    machines), passed to load() with the `experts` dict (or `backend_options` where a command has no experts)."""
 
-    @click.option("--parallel", type=click.Choice(["expert", "pipeline"]), default=None,
+    @click.option("--parallel", type=click.Choice(["expert", "tensor", "pipeline"]), default=None,
                   help="Under mlx.launch: split the model over the ranks (expert: routed experts by id, trunk "
-                       "on every rank; pipeline: layers in stages). Rank 0 prints and serves; one process: a "
-                       "normal load.")
+                       "on every rank; tensor: attention heads and every MLP's intermediate dimension; "
+                       "pipeline: layers in stages). Rank 0 prints and serves; one process: a normal load.")
     @functools.wraps(f)
     def wrapper(*args, parallel=None, **kw):
         if parallel is not None:

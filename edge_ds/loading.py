@@ -108,7 +108,7 @@ def prune_to_stage(model: nn.Module, cfg: ModelConfig, lo: int, hi: int) -> None
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: bool = True,
                expert_ids: Sequence[int] | None = None, counter: list[int] | None = None,
-               layers: tuple[int, int] | None = None) -> nn.Module:
+               layers: tuple[int, int] | None = None, shard=None) -> nn.Module:
     """routed_experts=False loads the trunk only: routed-expert tensors are never read and each
     MoE layer is left without `switch_mlp`, for experts.attach_experts to provide.
 
@@ -118,7 +118,11 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: 
 
     layers=(lo, hi) (a pipeline stage, see edge_ds.parallel.pipeline) reads only decoder layers
     [lo, hi) and the embedding/head that stage needs (stage_keep); the other layers are left as
-    empty modules, so they hold no memory."""
+    empty modules, so they hold no memory.
+
+    shard (a tensor-parallel rank's reader, edge_ds.parallel.slices.SliceReader) reads instead:
+    shard.read(directory, cfg) gives this rank's slice of every tensor, and the model is built
+    from shard.config(cfg) (this rank's heads and intermediate sizes)."""
     directory = Path(path)
     cfg = ModelConfig.load(directory)
     sharded = expert_ids is not None
@@ -127,7 +131,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, routed_experts: 
     if layers is not None:
         base, stage = keep, stage_keep(cfg, *layers)
         keep = lambda name: base(name) and stage(name)  # noqa: E731
-    weights = read_weights(directory, keep)
+    weights = read_weights(directory, keep) if shard is None else shard.read(directory, cfg)
+    if shard is not None:
+        cfg = shard.config(cfg)
     if any(layout.is_fp8_scale(k) for k in weights):
         raise EdgeDSError(f"{directory}: an FP8 checkpoint; convert it to MLX weights first (edge-ds convert)")
     model = models.build(cfg, weights)

@@ -1,5 +1,5 @@
-"""Expert parallelism over MLX's distributed layer: 2 ranks on localhost (ring backend) against an
-independent single-process run of the same checkpoint.
+"""Expert, tensor and pipeline parallelism over MLX's distributed layer: 2 ranks on localhost (ring
+backend) against an independent single-process run of the same checkpoint.
 
 Each 2-rank run starts this file as a script twice, with the environment `mlx.launch --backend
 ring` gives its processes (MLX_HOSTFILE: a JSON list of each rank's "ip:port", MLX_RANK), so a
@@ -27,8 +27,14 @@ if str(ROOT) not in sys.path:
 TOKENS = np.random.default_rng(7).integers(2, 300, (2, 24))  # logits batch (V4: its first row)
 PROMPT = [int(t) for t in np.random.default_rng(8).integers(2, 300, 12)]
 GREEDY = 64
-# Routed experts large enough that a rank reading them all would exceed its bound below.
-SHAPE = dict(vocab_size=300, max_position_embeddings=256, n_routed_experts=16, moe_intermediate_size=128)
+# Routed experts large enough that a rank reading them all would exceed its bound below; under
+# --parallel tensor every column split (o_proj: 4 heads x 32, down_proj: 128) halves into whole
+# 4-bit groups of 64.
+SHAPE = dict(vocab_size=300, max_position_embeddings=256, n_routed_experts=16, moe_intermediate_size=128,
+             intermediate_size=128, v_head_dim=32)
+# Tensors a tensor-parallel rank holds a share of (the test's own list, from mlx-lm's scheme).
+SPLIT = ("q_proj.", "q_b_proj.", "kv_b_proj.", "embed_q.", "unembed_out.", "o_proj.", "gate_proj.", "up_proj.",
+         "down_proj.")
 SLACK = 128 * 1024  # safetensors headers, the index, config.json: what a load reads besides tensors
 CHAT = {"messages": [{"role": "user", "content": "the quick brown fox"}], "max_tokens": 24, "temperature": 0}
 
@@ -155,15 +161,62 @@ def test_plan_refuses_models_that_do_not_divide():
         expert_plan(cfg, 0, 16)
 
 
+def test_tensor_plan_refuses_models_that_do_not_divide():
+    """From config.json alone: heads, intermediate sizes, and quantized column splits (o_proj,
+    down_proj) that would cut a quantization group; DeepSeek-V4 is refused by name."""
+    from edge_ds.config import ModelConfig
+    from edge_ds.parallel import ParallelError, tensor_plan
+    from tests.tiny_models import V3
+    from tests.tiny_v4 import V4_A
+
+    cfg = ModelConfig.from_dict(V3)  # 4 heads, intermediate 96, moe_intermediate 32
+    plan = tensor_plan(cfg, 1, 2)
+    assert plan.split("model.layers.1.mlp.switch_mlp.down_proj.weight", (8, 64, 4)) == (2, 2, 4)
+    assert plan.split("model.layers.1.mlp.switch_mlp.up_proj.scales", (8, 32, 1)) == (1, 16, 32)
+    assert plan.split("model.layers.0.mlp.down_proj.weight", (64, 96)) == (1, 48, 96)
+    assert plan.split("model.layers.1.mlp.experts.5.gate_proj.weight", (32, 64)) == (0, 16, 32)
+    assert plan.split("model.layers.1.self_attn.kv_b_proj.weight", (4 * 40, 32)) == (0, 80, 160)
+    assert plan.split("model.layers.1.self_attn.embed_q.weight", (4, 32, 16)) == (0, 2, 4)
+    assert plan.split("model.layers.1.self_attn.o_proj.scales", (64, 2)) == (1, 1, 2)
+    for replicated in ("model.layers.1.self_attn.q_a_proj.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+                       "model.layers.1.mlp.gate.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert plan.split(replicated, (64, 64)) is None
+    local = plan.local_config(cfg)
+    assert (local.num_attention_heads, local.intermediate_size, local.moe_intermediate_size) == (2, 48, 16)
+    with pytest.raises(ParallelError, match="num_attention_heads = 4 does not divide over 3 ranks"):
+        tensor_plan(cfg, 0, 3)
+    with pytest.raises(ParallelError, match="intermediate_size = 96 does not divide over 64 ranks"):
+        tensor_plan(ModelConfig.from_dict(dict(V3, num_attention_heads=64)), 0, 64)
+    with pytest.raises(ParallelError, match="moe_intermediate_size = 32 does not divide over 64 ranks"):
+        tensor_plan(ModelConfig.from_dict(dict(V3, num_attention_heads=64, intermediate_size=128)), 0, 64)
+    # 4-bit groups of 32: o_proj 4 x 16 = 64, down_proj 128 (dense) and 64 (experts) halve into whole groups
+    q4 = dict(V3, v_head_dim=16, intermediate_size=128, moe_intermediate_size=64,
+              quantization={"group_size": 32, "bits": 4})
+    tensor_plan(ModelConfig.from_dict(q4), 0, 2)
+    with pytest.raises(ParallelError, match=r"o_proj's input \(num_attention_heads x v_head_dim = 4 x 16 = 64\) "
+                                            r"splits into 16 columns per rank over 4 ranks, not a whole number "
+                                            r"of quantization groups of 32"):
+        tensor_plan(ModelConfig.from_dict(q4), 0, 4)
+    with pytest.raises(ParallelError, match=r"layers.1.mlp.switch_mlp.down_proj's input \(moe_intermediate_size = 64\)"):
+        tensor_plan(ModelConfig.from_dict(dict(q4, v_head_dim=32)), 0, 4)
+    with pytest.raises(ParallelError, match="DeepSeek-V4 is not supported"):
+        tensor_plan(ModelConfig.from_dict(dict(V4_A, model_type="deepseek_v4")), 0, 2)
+
+
 @pytest.mark.parametrize("kind,quant,budget,parallel", [
     ("v3", "none", "-", "expert"), ("v3", "4bit", "-", "expert"), ("v2lite", "none", "-", "expert"),
-    ("v2lite", "4bit", "50%", "expert"), ("v3", "4bit", "-", "pipeline"), ("v2lite", "none", "-", "pipeline")])
+    ("v2lite", "4bit", "50%", "expert"), ("v3", "4bit", "-", "pipeline"), ("v2lite", "none", "-", "pipeline"),
+    ("v3", "4bit", "-", "tensor"), ("v2lite", "none", "-", "tensor"),
+    pytest.param("v3", "none", "-", "tensor", marks=pytest.mark.slow),
+    pytest.param("v2lite", "4bit", "-", "tensor", marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process(models, kind, quant, budget, parallel, tmp_path):
     """Logits to 1e-5 relative, greedy tokens identical (two turns on one cache), each rank reads
     at most the trunk plus its half of the routed experts (counted, and measured by the OS); on
     the V3 4-bit model, `serve` under 2 ranks answers chat completions as one process does. The
     V2 4-bit run uses lazy experts with a per-rank budget (50% of the rank's half) against the
-    resident single-process model. Pipeline: each rank reads only its stage's tensors."""
+    resident single-process model. Pipeline: each rank reads only its stage's tensors. Tensor: each
+    rank reads the replicated trunk and half of every split tensor (heads, intermediate dimensions),
+    against the test's own tally of the safetensors headers."""
     import edge_ds
     from edge_ds.server import make_server
 
@@ -203,6 +256,15 @@ def test_two_ranks_match_one_process(models, kind, quant, budget, parallel, tmp_
         assert got_http[0]["choices"][0]["message"]["content"]
 
     b = got["bytes"]
+    if parallel == "tensor":
+        trunk, split = header_bytes(path)
+        assert split // 2 > SLACK  # so that reading the other rank's half too would fail the bound
+        for row in b["per_rank"]:
+            assert row["split"] == split // 2 and row["trunk"] == trunk, (row, trunk, split)  # the reader's count
+            assert row["experts"] == b["routed_total"] // 2, row
+            if row["os_read"] >= 0:  # the OS's count of what loading read: at least the share, at most + headers
+                assert trunk + split // 2 <= row["os_read"] <= trunk + split // 2 + SLACK, (row, trunk, split)
+        return
     share = b["routed_total"] // 2
     assert share > SLACK  # so that reading the other rank's experts too would fail the bound
     if parallel == "pipeline":  # "trunk" + "experts": the stage's tensors; every tensor on exactly one rank
@@ -222,6 +284,25 @@ def test_two_ranks_match_one_process(models, kind, quant, budget, parallel, tmp_
         # The OS's count of bytes read while loading: trunk + its half, plus headers and config.
         if row["os_read"] >= 0:
             assert row["os_read"] <= row["trunk"] + share + SLACK, (row, b)
+
+
+def header_bytes(path: Path) -> tuple[int, int]:
+    """(replicated, split) bytes of a model dir's tensors under tensor parallelism, from the
+    safetensors library's headers and the test's own list of split tensors (SPLIT)."""
+    from safetensors import safe_open
+
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4}
+    trunk = split = 0
+    for f in sorted(path.glob("model*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                n = int(np.prod(sl.get_shape())) * itemsize[sl.get_dtype()]
+                if any(f".{k}" in name for k in SPLIT):
+                    split += n
+                else:
+                    trunk += n
+    return trunk, split
 
 
 def post(port: int, body: dict) -> dict:
@@ -253,19 +334,26 @@ def test_cli_generate_under_mlx_launch(models, tmp_path):
     assert two.stdout.rstrip("\n") == one
 
 
-def test_non_dividing_model_is_refused_before_reading(models, tmp_path):
-    """n_routed_experts 3 over 2 ranks: both ranks refuse from config.json alone (the directory
-    has no weights, so any read would fail differently)."""
+@pytest.mark.parametrize("parallel,change,message", [
+    ("expert", dict(n_routed_experts=3, n_group=1, topk_group=1), "n_routed_experts = 3 does not divide over 2 ranks"),
+    ("tensor", dict(quantization={"group_size": 128, "bits": 4}),
+     "o_proj's input (num_attention_heads x v_head_dim = 4 x 32 = 128) splits into 64 columns per rank over 2 ranks, "
+     "not a whole number of quantization groups of 128")])
+def test_non_dividing_model_is_refused_before_reading(models, tmp_path, parallel, change, message):
+    """Expert: n_routed_experts 3 over 2 ranks; tensor: 4-bit groups of 128 along o_proj's 128 input
+    columns, which 2 ranks would cut in half. Both ranks refuse from config.json alone (the
+    directory has no weights, so any read would fail differently)."""
     d = tmp_path / "odd"
     d.mkdir()
     cfg = json.loads((models["v3", "none"] / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(cfg, n_routed_experts=3, n_group=1, topk_group=1)))
+    (d / "config.json").write_text(json.dumps(dict(cfg, **change)))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (d / name).write_bytes((models["v3", "none"] / name).read_bytes())
-    results = finish(launch(tmp_path, [__file__, "parity", str(d), str(tmp_path / "x.json")]), timeout=30)
+    results = finish(launch(tmp_path, [__file__, "parity", str(d), str(tmp_path / "x.json"), "-", parallel]),
+                     timeout=30)
     for r, (code, _, err) in enumerate(results):
         assert code != 0
-        assert "n_routed_experts = 3 does not divide over 2 ranks" in err, err[-2000:]
+        assert message in err, err[-2000:]
 
 
 def test_dead_rank_stops_rank_0_with_a_clear_error(models, tmp_path):
