@@ -395,19 +395,12 @@ def test_hung_rank_stops_rank_0_after_the_timeout(models, tmp_path):
     assert "rank 0: no answer from rank 1 (127.0.0.1:" in err and "for 4 s" in err, err[-2000:]
 
 
-@pytest.mark.slow
-def test_deepseek_v4_expert_parallel(tmp_path):
-    """V4 (V4MoE is a models.moe.MoE: the same hook): 4-bit, logits and greedy tokens as one process."""
+def two_ranks_against_one(path: Path, tmp_path: Path, parallel: str) -> None:
+    """The workload on 2 ranks and in one process: logits to 1e-5 relative, greedy tokens identical."""
     import edge_ds
-    from converters.mlx import convert
-    from tests.test_api import add_tokenizer
-    from tests.tiny_v4 import make_v4, save_v4
 
-    hf = save_v4(make_v4("a", vocab_size=300), tmp_path / "hf")
-    path = convert(hf, tmp_path / "q4", quant="4bit", dtype="float32")
-    add_tokenizer(path, 300)
     out = tmp_path / "rank0.json"
-    procs = launch(tmp_path, [__file__, "parity", str(path), str(out)], stdin=subprocess.PIPE)
+    procs = launch(tmp_path, [__file__, "parity", str(path), str(out), "-", parallel], stdin=subprocess.PIPE)
     try:
         ref = workload(edge_ds.load(path))
         assert procs[0].stdout.readline().strip().isdigit(), procs[0].stderr.read()[-3000:]
@@ -419,6 +412,34 @@ def test_deepseek_v4_expert_parallel(tmp_path):
     logits = np.load(str(out) + ".npy")
     assert np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max() < 1e-5
     assert got["first"] == ref["first"] and got["second"] == ref["second"]
+
+
+@pytest.mark.slow
+def test_deepseek_v4_expert_parallel(tmp_path):
+    """V4 (V4MoE is a models.moe.MoE: the same hook): 4-bit, logits and greedy tokens as one process."""
+    from converters.mlx import convert
+    from tests.test_api import add_tokenizer
+    from tests.tiny_v4 import make_v4, save_v4
+
+    hf = save_v4(make_v4("a", vocab_size=300), tmp_path / "hf")
+    path = convert(hf, tmp_path / "q4", quant="4bit", dtype="float32")
+    add_tokenizer(path, 300)
+    two_ranks_against_one(path, tmp_path, "expert")
+
+
+@pytest.mark.slow
+def test_deepseek_v32_tensor_parallel(tmp_path):
+    """V3.2 under --parallel tensor: its Lightning Indexer is replicated (it reads q_a's latent and
+    the hidden state, both whole on every rank), so every rank picks the same rows; 4-bit."""
+    from converters.mlx import convert
+    from tests.test_api import add_tokenizer
+    from tests.tiny_models import make_hf_model, save_hf
+
+    hf = tmp_path / "hf"
+    save_hf(make_hf_model("v32", **SHAPE), hf)
+    add_tokenizer(hf, 300)
+    path = convert(hf, tmp_path / "q4", quant="4bit", dtype="float32")
+    two_ranks_against_one(path, tmp_path, "tensor")
 
 
 if __name__ == "__main__":
