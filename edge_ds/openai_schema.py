@@ -423,11 +423,14 @@ class Reply:
         return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                 "total_tokens": r.prompt_tokens + r.completion_tokens}
 
-    def whole(self, text: str, r: Result, logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
+    def whole(self, text: str, r: Result, logprobs: dict | None = None, tool_calls: list[dict] | None = None,
+              reasoning: str | None = None) -> dict:
         if self.chat:
             message: dict = {"role": "assistant", "content": text}
             if tool_calls:
                 message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+            if reasoning is not None:  # the <think> part (reasoning.py), as vLLM's and llama.cpp's servers send it
+                message["reasoning_content"] = reasoning
             choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": r.finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": r.finish_reason}

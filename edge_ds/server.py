@@ -49,7 +49,8 @@ from .errors import ContextLengthError, EdgeDSError
 from .openai_schema import (Reply, RequestError, Result, chat_logprobs, check_fields, check_prompt_size,
                             completion_logprobs, parse_body, parse_logprobs, parse_messages, parse_options,
                             parse_prompt, parse_stream, parse_tools)
-from .tool_calls import ToolCallParser
+from .reasoning import THINK_END, THINK_START, ReasoningSplitter, opens_thinking
+from .tool_calls import ToolCall, ToolCallParser
 
 if TYPE_CHECKING:  # only for annotations: the CLI imports this module for Limits, and must load no MLX
     from .api import LanguageModel
@@ -114,6 +115,7 @@ class Job:
     options: dict
     tools: list[dict] | None = None  # for the chat template's `tools`
     prefix: str = ""  # text after the generation prompt that the answer continues (a forced tool call)
+    opens_thinking: bool = False  # set before the first event: the prompt leaves the answer in a <think> block
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -218,6 +220,7 @@ class ModelWorker:
             ids = lm.encode_prompt(job.prompt, job.chat_template, tools=job.tools)
             if job.prefix:
                 ids = ids + lm.tokenizer.encode(job.prefix, add_bos=False)
+            job.opens_thinking = _opens_thinking(lm, job, ids)
             encoded = True
             if self.prompt_cache and self._cache is None:
                 self._cache = lm.new_cache()
@@ -240,6 +243,12 @@ class ModelWorker:
             self._cache = None  # it may hold a half-run step
             job.events.put(("error", RequestError(f"internal error: {type(e).__name__}: {e}", status=500,
                                                   kind="server_error")))
+
+
+def _opens_thinking(lm: LanguageModel, job: Job, ids: list[int]) -> bool:
+    """A chat prompt whose template left the answer inside a <think> block (R1, V3.1 thinking)."""
+    return job.chat_template and not isinstance(job.prompt, str) and opens_thinking(
+        lm.tokenizer.decode(ids[-8:], skip_special=False))
 
 
 def _send_stream(stream: Any, job: Job) -> Result:
@@ -334,6 +343,7 @@ class BatchWorker(ModelWorker):
             ids = lm.encode_prompt(job.prompt, job.chat_template, tools=job.tools)
             if job.prefix:
                 ids = ids + lm.tokenizer.encode(job.prefix, add_bos=False)
+            job.opens_thinking = _opens_thinking(lm, job, ids)
             o = job.options
             opts = SamplingOptions(max_tokens=o["max_tokens"], temperature=o["temperature"], top_p=o["top_p"],
                                    top_k=o["top_k"], min_p=o["min_p"], repetition_penalty=o["repetition_penalty"],
@@ -581,8 +591,13 @@ class Handler(BaseHTTPRequestHandler):
                                    "template that does in the model directory as chat_template.jinja", "tools")
             if tools.choice != "auto":  # "required" or a named function: the answer starts inside a call
                 prefix = fmt.forced_prefix(tools.name)
-            parser = ToolCallParser(fmt, tools.parallel, prefix)
+            parser = ToolCallParser(fmt, tools.parallel, prefix, incremental=stream)
             options["keep_special"] = fmt.tokens  # the tool-call markers are special tokens; others stay out
+        if chat:  # <think> and </think>, where they are special tokens, must reach the reasoning splitter
+            think = tuple(t for t in (THINK_START, THINK_END)
+                          if (i := lm.tokenizer.token_id(t)) is not None and lm.tokenizer.is_special(i))
+            if think:
+                options["keep_special"] = tuple(options.get("keep_special", ())) + think
         job = Job(prompt, chat_template=chat, options=options, tools=tools.tools if tools else None, prefix=prefix)
         self.server.worker.submit(job)  # Busy (429) when the queue is full
         try:
@@ -591,7 +606,8 @@ class Handler(BaseHTTPRequestHandler):
             if kind == "error":
                 raise value
             reply = Reply(self.server.model_id, self.server.fingerprint, chat)
-            out = _Output(reply, parser, options["logprobs"] is not None, lm.tokenizer.token_bytes)
+            splitter = ReasoningSplitter(job.opens_thinking) if chat else None
+            out = _Output(reply, parser, options["logprobs"] is not None, lm.tokenizer.token_bytes, splitter)
             if stream:
                 self._stream(out, kind, value, events, include_usage)
             else:
@@ -685,14 +701,17 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class _Output:
-    """Turns a job's text pieces into what one response says: content (through the tool-call
-    parser when the request has tools), tool calls, and logprobs, whole or as stream deltas."""
+    """Turns a job's text pieces into what one response says: reasoning (chat: the <think> part),
+    content (through the tool-call parser when the request has tools), tool calls, and logprobs,
+    whole or as stream deltas."""
 
     def __init__(self, reply: Reply, parser: ToolCallParser | None, logprobs: bool,
-                 token_bytes: Callable[[int], bytes]):
+                 token_bytes: Callable[[int], bytes], splitter: ReasoningSplitter | None = None):
         self.reply, self.parser, self.logprobs, self._bytes = reply, parser, logprobs, token_bytes
+        self.splitter = splitter
         self.text: list[str] = []
-        self.calls: list[dict] = []
+        self.reasoning: list[str] = []
+        self.calls: list[ToolCall] = []  # their arguments complete once the text has ended
         self.entries: list = []  # every logprob entry
         self._unsent: list = []  # those not yet sent with a stream delta
 
@@ -707,23 +726,40 @@ class _Output:
             if kind == "content":
                 self.text.append(value)
                 delta: str | dict = value
-            else:
-                call = value.to_openai(len(self.calls))
-                self.calls.append(value.to_openai())
-                delta = {"tool_calls": [call]}
+            elif kind == "reasoning":
+                self.reasoning.append(value)
+                delta = {"reasoning_content": value}
+            elif kind == "arguments":  # more of an open call's arguments
+                index, more = value
+                delta = {"tool_calls": [{"index": index, "function": {"arguments": more}}]}
+            else:  # "call" (whole) or "call_begin" (its id and name; arguments follow)
+                delta = {"tool_calls": [value.to_openai(len(self.calls))]}
+                self.calls.append(value)
             out.append((delta, self._format(self._unsent)))
             self._unsent = []
+        return out
+
+    def _parse(self, events: list[tuple[str, str]]) -> list[tuple[str, object]]:
+        """Content through the tool-call parser; reasoning as it is."""
+        if self.parser is None:
+            return events
+        out: list[tuple[str, object]] = []
+        for kind, text in events:
+            out += self.parser.feed(text) if kind == "content" else [(kind, text)]
         return out
 
     def add(self, piece: str, entries: list) -> list[tuple[str | dict, dict | None]]:
         """Feeds a piece of text and its tokens' logprob entries; returns the stream deltas it makes."""
         self.entries += entries
         self._unsent += entries
-        events = self.parser.feed(piece) if self.parser else ([("content", piece)] if piece else [])
-        return self._deltas(events)
+        events = self.splitter.feed(piece) if self.splitter else ([("content", piece)] if piece else [])
+        return self._deltas(self._parse(events))
 
     def finish(self) -> list[tuple[str | dict, dict | None]]:
-        return self._deltas(self.parser.finish()) if self.parser else []
+        events = self._parse(self.splitter.finish()) if self.splitter else []
+        if self.parser:
+            events += self.parser.finish()
+        return self._deltas(events)
 
     def rest_logprobs(self) -> dict | None:
         """The logprobs not yet sent, for the stream's last chunk (None when there are none)."""
@@ -737,7 +773,9 @@ class _Output:
         self.finish()
         r = Result(r.prompt_tokens, r.completion_tokens, self.finish_reason(r), r.prefilled_tokens,
                    r.prompt_tps, r.generation_tps)
-        return self.reply.whole("".join(self.text), r, self._format(self.entries), self.calls or None)
+        return self.reply.whole("".join(self.text), r, self._format(self.entries),
+                                [c.to_openai() for c in self.calls] or None,
+                                "".join(self.reasoning) if self.reasoning else None)
 
 
 def _route(target: str) -> str:

@@ -7,15 +7,22 @@ Each format's special tokens are written here once, in its ToolFormat:
     DeepSeek V3/R1  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
     DeepSeek V3.1   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
     Kimi-K2         <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>ARGS<|tool_call_end|>...<|tool_calls_section_end|>
+    DeepSeek V4     <｜DSML｜tool_calls>\n<｜DSML｜invoke name="NAME">\n<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>\n...</｜DSML｜invoke>\n...</｜DSML｜tool_calls>
+                    (V3.2 writes the same with function_calls for tool_calls; a string="true" value is
+                    the string as is, string="false" a JSON literal: the arguments are that JSON object)
 
-A call that is complete becomes a tool call as soon as its end token arrives (streamed as one delta);
+Whole (incremental=False), a call that is complete becomes a tool call when its end token arrives;
 a call that is malformed (no name, no separator, never closed) is given back as content, word for
-word, so that nothing the model wrote is lost and nothing raises. Arguments are passed on as the
+word, so that nothing the model wrote is lost and nothing raises. Streamed (incremental=True), a
+call is opened as soon as its name is complete and its arguments follow as they are written (the
+deltas OpenAI clients concatenate); a call that turns out malformed after its name keeps the
+arguments sent so far and its text is also given as content. Arguments are passed on as the
 model wrote them: OpenAI, too, warns that they may not be valid JSON.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -61,6 +68,16 @@ class ToolFormat:
         """The call in `body` (the text between call_begin and call_end), or None if malformed."""
         raise NotImplementedError
 
+    def head(self, body: str, index: int) -> tuple[str, str | None, int] | None:
+        """While a call is being written (`body` so far): (name, id or None, where its arguments
+        start) once the name is complete, else None (then the call is sent whole when it ends)."""
+        return None
+
+    def partial_arguments(self, body: str, start: int) -> str:
+        """The arguments certain so far from `body` (which may end in part of call_end): always a
+        prefix of what parse_call gives once the call ends."""
+        return ""
+
     def forced_prefix(self, name: str | None) -> str:
         """Text appended after the generation prompt so that the answer is a call (to `name`)."""
         raise NotImplementedError
@@ -101,6 +118,30 @@ class DeepSeekFormat(ToolFormat):
             return None
         return ToolCall(_call_id(), name, args or "{}")
 
+    _fence_head = re.compile(r"\s*([^\n`]+?)\s*\n\s*```(?:json)?[ \t]*\n")
+
+    def head(self, body: str, index: int) -> tuple[str, str | None, int] | None:
+        head, sep, rest = body.partition(self.sep)
+        if not sep:
+            return None
+        start = len(head) + len(sep)
+        if head.strip() == "function":  # V3/R1 (or V3.1 calling a tool named function: sent whole)
+            m = self._fence_head.match(rest)
+            if m is None:
+                return None
+            name, start = m.group(1).strip(), start + m.end()
+        elif self.v31:
+            name = head.strip()
+        else:
+            return None
+        return None if not name or any(c.isspace() for c in name) else (name, None, start)
+
+    def partial_arguments(self, body: str, start: int) -> str:
+        raw = body[start:]
+        raw = raw[:len(raw) - _hold(raw, [self.call_end])].lstrip()
+        fenced = body.partition(self.sep)[0].strip() == "function"
+        return raw.rstrip(" \t\r\n`") if fenced else raw.rstrip()  # the closing fence is not arguments
+
     def forced_prefix(self, name: str | None) -> str:
         head = self.section_begin + self.call_begin
         if self.v31:
@@ -129,8 +170,84 @@ class KimiFormat(ToolFormat):
         call_id = f"functions.{name}:{m.group(2) if m.group(2) is not None else index}"
         return ToolCall(call_id, name, args.strip() or "{}")
 
+    def head(self, body: str, index: int) -> tuple[str, str | None, int] | None:
+        head, sep, _ = body.partition(self.arg_begin)
+        m = self._id.fullmatch(head)
+        if not sep or m is None:
+            return None
+        name = m.group(1)
+        return name, f"functions.{name}:{m.group(2) if m.group(2) is not None else index}", len(head) + len(sep)
+
+    def partial_arguments(self, body: str, start: int) -> str:
+        raw = body[start:]
+        return raw[:len(raw) - _hold(raw, [self.call_end])].strip()
+
     def forced_prefix(self, name: str | None) -> str:
         return self.section_begin + self.call_begin + "functions." + (f"{name}:" if name else "")
+
+
+class DSMLFormat(ToolFormat):
+    """DeepSeek V4 (and V3.2, whose block is named function_calls): XML-like DSML tags, one
+    parameter per argument. Arguments become the JSON object {"K": V, ...} in the order written:
+    a string="true" value as a JSON string, a string="false" one as the JSON literal it is."""
+
+    _dsml = "｜DSML｜"
+    call_begin = f"<{_dsml}invoke"
+    call_end = f"</{_dsml}invoke>"
+    _head = re.compile(r'\s*name="([^"\n<>]*)"\s*>')
+    _param_open = re.compile(rf'\s*<{_dsml}parameter\s+name="([^"\n<>]*)"\s+string="(true|false)"\s*>')
+    _param_end = f"</{_dsml}parameter>"
+
+    def __init__(self, block: str = "tool_calls"):
+        self.block = block
+        self.name = "deepseek_v4" if block == "tool_calls" else "deepseek_v3.2"
+        self.section_begin = f"<{self._dsml}{block}>"
+        self.section_end = f"</{self._dsml}{block}>"
+
+    @staticmethod
+    def _value(value: str, string: str) -> str:
+        return json.dumps(value, ensure_ascii=False) if string == "true" else value.strip()
+
+    def _params(self, body: str, pos: int) -> tuple[list[str], set[str], int]:
+        """The complete parameters from pos, as '"K": V' JSON members, their names, and where they stop."""
+        members: list[str] = []
+        names: set[str] = set()
+        while (m := self._param_open.match(body, pos)) is not None:
+            end = body.find(self._param_end, m.end())
+            if end < 0 or m.group(1) in names:
+                break
+            names.add(m.group(1))
+            members.append(f"{json.dumps(m.group(1), ensure_ascii=False)}: {self._value(body[m.end():end], m.group(2))}")
+            pos = end + len(self._param_end)
+        return members, names, pos
+
+    def parse_call(self, body: str, index: int) -> ToolCall | None:
+        m = self._head.match(body)
+        if m is None or not m.group(1) or any(c.isspace() for c in m.group(1)):
+            return None
+        members, _, pos = self._params(body, m.end())
+        if body[pos:].strip():  # something that is not a parameter (or a parameter twice)
+            return None
+        return ToolCall(_call_id(), m.group(1), "{" + ", ".join(members) + "}")
+
+    def head(self, body: str, index: int) -> tuple[str, str | None, int] | None:
+        m = self._head.match(body)
+        if m is None or not m.group(1) or any(c.isspace() for c in m.group(1)):
+            return None
+        return m.group(1), None, m.end()
+
+    def partial_arguments(self, body: str, start: int) -> str:
+        members, names, pos = self._params(body, start)
+        m = self._param_open.match(body, pos)
+        if m is not None and m.group(1) not in names:
+            raw = body[m.end():]
+            raw = raw[:len(raw) - _hold(raw, [self._param_end])]
+            value = '"' + json.dumps(raw, ensure_ascii=False)[1:-1] if m.group(2) == "true" else raw.strip()
+            members.append(f"{json.dumps(m.group(1), ensure_ascii=False)}: {value}")
+        return "{" + ", ".join(members)
+
+    def forced_prefix(self, name: str | None) -> str:
+        return f"{self.section_begin}\n{self.call_begin}" + (f' name="{name}">\n' if name else "")
 
 
 def detect(chat_template: str | None, has_token) -> ToolFormat | None:
@@ -139,6 +256,8 @@ def detect(chat_template: str | None, has_token) -> ToolFormat | None:
     template = chat_template or ""
     # The template first (it writes the calls of earlier turns), the vocabulary only without it.
     for found in (lambda t: t in template, has_token):
+        if found(DSMLFormat._dsml) or found(f"<{DSMLFormat._dsml}"):
+            return DSMLFormat("function_calls" if "function_calls" in template else "tool_calls")
         if found(KimiFormat.section_begin):
             return KimiFormat()
         if found(DeepSeekFormat.section_begin):
@@ -161,24 +280,32 @@ def _hold(text: str, markers: Iterable[str]) -> int:
 class ToolCallParser:
     """Splits generated text, fed in any pieces, into content and tool calls.
 
-    feed() and finish() return events: ("content", str) and ("call", ToolCall). Content is held back
-    only while it could be the start of a tool-call token."""
+    feed() and finish() return events: ("content", str) and ("call", ToolCall) (a whole call); with
+    incremental=True also ("call_begin", ToolCall) (its name known, its arguments "" so far) and
+    ("arguments", (index, str)) (more of call `index`'s arguments). Content is held back only while
+    it could be the start of a tool-call token. `calls` lists every call, its arguments complete
+    once the call has ended."""
 
-    def __init__(self, fmt: ToolFormat, parallel: bool = True, prefix: str = ""):
+    def __init__(self, fmt: ToolFormat, parallel: bool = True, prefix: str = "", incremental: bool = False):
         self.fmt = fmt
         self.parallel = parallel
+        self.incremental = incremental
         self.calls: list[ToolCall] = []
         self._buf = ""
         self._in_section = False
         self._opener = ""  # the section token consumed, given back as content if the section holds no call
         self._section_ok = False  # the open section has held a call
+        self._open: ToolCall | None = None  # incremental: the call being written, its name sent
+        self._start = 0  # where its arguments start in its body
+        self._sent = ""  # its arguments sent so far
+        self._pending: list[tuple[str, object]] = []  # a forced prefix's events, sent with the first feed
         if prefix:  # a forced prefix: the model's answer starts inside it, and it is not content
-            events = self.feed(prefix)
-            assert not events, events
+            self._pending = self.feed(prefix)
+            assert all(kind != "content" for kind, _ in self._pending), self._pending
 
     def feed(self, text: str) -> list[tuple[str, object]]:
         self._buf += text
-        out: list[tuple[str, object]] = []
+        out, self._pending = self._pending, []
         fmt = self.fmt
         while self._buf:
             if not self._in_section:
@@ -214,13 +341,23 @@ class ToolCallParser:
                 self._buf = ""
                 return out
             end = stripped.find(fmt.call_end)
-            if end < 0:
-                return out  # the call is still being written
+            if end < 0:  # the call is still being written
+                if self.incremental:
+                    self._stream(out, stripped[len(fmt.call_begin):])
+                return out
             body = stripped[len(fmt.call_begin):end]
-            call = fmt.parse_call(body, len(self.calls))
-            raw = stripped[:end + len(fmt.call_end)]
+            opened = self._open
+            call = fmt.parse_call(body, len(self.calls) - (opened is not None))
+            raw = self._buf[:len(self._buf) - len(stripped)] + stripped[:end + len(fmt.call_end)]  # as written
             self._buf = stripped[end + len(fmt.call_end):]
-            if call is None:
+            if opened is not None:
+                self._open = None
+                if call is not None and call.name == opened.name and call.arguments.startswith(self._sent):
+                    self._send(out, call.arguments)
+                else:  # malformed after its name: its arguments end as sent, its text is content too
+                    self._emit(out, raw)
+                opened.arguments, self._sent = self._sent, ""
+            elif call is None:
                 self._emit(out, self._unopened() + raw)
             elif self.parallel or not self.calls:
                 self._opener = ""
@@ -229,11 +366,33 @@ class ToolCallParser:
                 out.append(("call", call))
         return out
 
+    def _stream(self, out: list, body: str) -> None:
+        """Opens the call being written once its name is complete, then sends its arguments' new part."""
+        if self._open is None:
+            if not (self.parallel or not self.calls) or (head := self.fmt.head(body, len(self.calls))) is None:
+                return
+            name, call_id, self._start = head
+            self._open = ToolCall(call_id or _call_id(), name, "")
+            self._opener = ""
+            self._section_ok = True
+            self.calls.append(self._open)
+            out.append(("call_begin", self._open))
+        self._send(out, self.fmt.partial_arguments(body, self._start))
+
+    def _send(self, out: list, arguments: str) -> None:
+        if len(arguments) > len(self._sent) and arguments.startswith(self._sent):
+            out.append(("arguments", (len(self.calls) - 1, arguments[len(self._sent):])))
+            self._sent = arguments
+
     def finish(self) -> list[tuple[str, object]]:
-        """Ends the text: what is still held is content (an unclosed call included, word for word)."""
-        out: list[tuple[str, object]] = []
+        """Ends the text: what is still held is content (an unclosed call included, word for word;
+        an unclosed call already opened keeps the arguments sent)."""
+        out, self._pending = self._pending, []
         rest = self._buf
         self._buf = ""
+        if self._open is not None:
+            self._open.arguments, self._open, self._sent = self._sent, None, ""
+            rest = ""
         if self._in_section:
             if rest.strip() in ("", self.fmt.section_end) and self._section_ok:
                 rest = ""  # the section's closing whitespace after its calls

@@ -1,6 +1,8 @@
 """Tool calls: the parsers on outputs written from each published format (whole, streamed at every
 split point, malformed), and the server's round trip with a scripted model (a fake backend that
-answers a given token sequence) behind DeepSeek V3/R1-, V3.1- and Kimi-K2-style chat templates."""
+answers a given token sequence) behind DeepSeek V3/R1-, V3.1-, Kimi-K2- and V4-style chat templates.
+Streamed, calls are parsed incrementally (the name, then the arguments as they are written): the
+deltas put together must equal the whole parse at every split point."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from edge_ds.api import LanguageModel
 from edge_ds.cache import PromptCache
 from edge_ds.server import make_server
 from edge_ds.tokenizer import Tokenizer
-from edge_ds.tool_calls import DeepSeekFormat, KimiFormat, ToolCallParser, detect
+from edge_ds.tool_calls import DeepSeekFormat, DSMLFormat, KimiFormat, ToolCallParser, detect
 
 # --- recorded outputs, written from the published formats ----------------------------------------
 
@@ -33,9 +35,17 @@ KIMI = ("I'll check. <|tool_calls_section_begin|> <|tool_call_begin|>functions.g
         "<|tool_call_argument_begin|>{\"city\": \"Paris\", \"unit\": \"celsius\"}<|tool_call_end|> "
         "<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{\"zone\": \"CET\"}<|tool_call_end|> "
         "<|tool_calls_section_end|>")
+# DeepSeek V4 (encoding_dsv4.py in its release): a DSML block after the content, one parameter per
+# argument, string="true" for a string written as is.
+V4 = ("Let me check.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+      "<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n"
+      "<｜DSML｜parameter name=\"unit\" string=\"true\">celsius</｜DSML｜parameter>\n</｜DSML｜invoke>\n"
+      "<｜DSML｜invoke name=\"get_time\">\n<｜DSML｜parameter name=\"zone\" string=\"true\">CET</｜DSML｜parameter>\n"
+      "</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
 CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"zone": "CET"})]
 RECORDED = [(DeepSeekFormat(v31=False), V3, "Let me look that up."), (DeepSeekFormat(v31=True), V31, ""),
-            (KimiFormat(), KIMI, "I'll check. ")]
+            (KimiFormat(), KIMI, "I'll check. "), (DSMLFormat(), V4, "Let me check.\n\n")]
+IDS = ["v3", "v3.1", "kimi", "v4"]
 
 
 def parse(fmt, pieces, **kw) -> tuple[str, list]:
@@ -47,7 +57,24 @@ def parse(fmt, pieces, **kw) -> tuple[str, list]:
     return content, calls
 
 
-@pytest.mark.parametrize("fmt, text, content", RECORDED, ids=["v3", "v3.1", "kimi"])
+def parse_streamed(fmt, pieces, **kw) -> tuple[str, list[tuple[str, str]], int]:
+    """Incremental parsing, put together as an OpenAI client does: (content, [(name, arguments)],
+    how many argument deltas came)."""
+    p = ToolCallParser(fmt, incremental=True, **kw)
+    events = [e for piece in pieces for e in p.feed(piece)] + p.finish()
+    calls: list[list[str]] = []
+    for kind, value in events:
+        if kind in ("call", "call_begin"):  # an opened call's arguments fill in later (its deltas)
+            calls.append([value.name, value.arguments if kind == "call" else ""])
+        elif kind == "arguments":
+            index, more = value
+            calls[index][1] += more
+    assert [tuple(c) for c in calls] == [(c.name, c.arguments) for c in p.calls]  # .calls agrees at the end
+    return ("".join(v for k, v in events if k == "content"), [tuple(c) for c in calls],
+            sum(k == "arguments" for k, _ in events))
+
+
+@pytest.mark.parametrize("fmt, text, content", RECORDED, ids=IDS)
 def test_recorded_output_parses_whole(fmt, text, content):
     got, calls = parse(fmt, [text])
     assert got == content
@@ -58,7 +85,7 @@ def test_recorded_output_parses_whole(fmt, text, content):
         assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
 
 
-@pytest.mark.parametrize("fmt, text, content", RECORDED, ids=["v3", "v3.1", "kimi"])
+@pytest.mark.parametrize("fmt, text, content", RECORDED, ids=IDS)
 def test_every_split_point_and_every_chunk_size_give_the_same(fmt, text, content):
     want = [(c.name, c.arguments) for c in parse(fmt, [text])[1]]
     for i in range(len(text) + 1):
@@ -72,6 +99,58 @@ def test_every_split_point_and_every_chunk_size_give_the_same(fmt, text, content
         cuts = sorted(rng.sample(range(1, len(text)), 6))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
         assert parse(fmt, pieces)[0] == content
+
+
+@pytest.mark.parametrize("fmt, text, content", RECORDED, ids=IDS)
+def test_streamed_arguments_come_as_written_and_add_up_to_the_whole_call(fmt, text, content):
+    want = [(c.name, c.arguments) for c in parse(fmt, [text])[1]]
+    got, calls, deltas = parse_streamed(fmt, list(text))  # a character at a time
+    assert (got, calls) == (content, want) and deltas > 2 * len(want)  # arguments in many pieces
+    for i in range(len(text) + 1):
+        assert parse_streamed(fmt, [text[:i], text[i:]])[:2] == (content, want), i
+    rng = random.Random(2)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(text)), 9))
+        assert parse_streamed(fmt, [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])[:2] == (content, want)
+
+
+def test_a_streamed_call_is_opened_once_its_name_is_complete():
+    p = ToolCallParser(DeepSeekFormat(v31=True), incremental=True)
+    assert p.feed("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_wea") == []
+    (kind, call), = p.feed("ther<｜tool▁sep｜>")
+    assert kind == "call_begin" and (call.name, call.arguments) == ("get_weather", "")
+    assert p.feed('{"city": "Pa') == [("arguments", (0, '{"city": "Pa'))]
+    assert p.feed('ris"}<｜tool▁call') == [("arguments", (0, 'ris"}'))]  # the end token's start is held
+    assert p.feed("▁end｜><｜tool▁calls▁end｜>") == [] and p.finish() == []
+    assert p.calls[0].arguments == '{"city": "Paris"}'
+
+
+def test_streamed_calls_cut_short_or_broken_after_their_name():
+    # never closed (max_tokens): the call keeps the arguments sent
+    content, calls, _ = parse_streamed(DeepSeekFormat(v31=True), list(
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Par'))
+    assert (content, calls) == ("", [("get_weather", '{"city": "Par')])
+    # a parameter written twice: the call keeps what was sent, its text comes back as content
+    body = ('<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string="false">1</｜DSML｜parameter>\n'
+            '<｜DSML｜parameter name="a" string="false">2</｜DSML｜parameter>\n</｜DSML｜invoke>')
+    content, calls, _ = parse_streamed(DSMLFormat(), list("<｜DSML｜tool_calls>\n" + body + "\n</｜DSML｜tool_calls>"))
+    assert calls == [("f", '{"a": 1')] and content == "\n" + body  # word for word
+
+
+def test_v4_parameters_become_json_arguments():
+    """string="true": the text as a JSON string (quotes, backslashes, newlines escaped); string="false":
+    the JSON literal as written (numbers, booleans, arrays, objects)."""
+    text = ('<｜DSML｜tool_calls>\n<｜DSML｜invoke name="run">\n'
+            '<｜DSML｜parameter name="code" string="true">print("a\\b")\nx = 1</｜DSML｜parameter>\n'
+            '<｜DSML｜parameter name="n" string="false">3</｜DSML｜parameter>\n'
+            '<｜DSML｜parameter name="opts" string="false">{"deep": [true, null]}</｜DSML｜parameter>\n'
+            '</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
+    want = {"code": 'print("a\\b")\nx = 1', "n": 3, "opts": {"deep": [True, None]}}
+    (call,) = parse(DSMLFormat(), [text])[1]
+    assert json.loads(call.arguments) == want
+    assert parse_streamed(DSMLFormat(), list(text))[1] == [("run", call.arguments)]
+    empty = '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="now">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>'
+    assert [(c.name, c.arguments) for c in parse(DSMLFormat(), [empty])[1]] == [("now", "{}")]
 
 
 def test_content_is_streamed_not_held_to_the_end():
@@ -93,6 +172,12 @@ def test_content_is_streamed_not_held_to_the_end():
                    "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>"),
     (KimiFormat(), "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
                    "<|tool_call_argument_begin|>{\"city\""),
+    (DSMLFormat(), "<｜DSML｜tool_calls>\n<｜DSML｜invoke>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),  # no name
+    (DSMLFormat(), "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\">1"
+                   "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),  # no string="..."
+    (DSMLFormat(), "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\nwords\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),
+    (DSMLFormat(), "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
+                   "string=\"true\">never closed"),
 ])
 def test_malformed_calls_come_back_as_content_word_for_word(fmt, text):
     for pieces in ([text], list(text)):
@@ -117,11 +202,15 @@ def test_random_garbage_never_raises():
                 "<｜tool▁calls▁end｜>", "<|tool_calls_section_begin|>", "<|tool_call_begin|>",
                 "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>", "function",
                 "f", "functions.f:0", "\n```json\n", "```", "{}", " ", "<", "｜", "x"]
-    for fmt in (DeepSeekFormat(True), DeepSeekFormat(False), KimiFormat()):
+    alphabet += ["<｜DSML｜tool_calls>", "</｜DSML｜tool_calls>", "<｜DSML｜invoke", ' name="f">', "</｜DSML｜invoke>",
+                 '<｜DSML｜parameter name="a" string="true">', '<｜DSML｜parameter name="b" string="false">',
+                 "</｜DSML｜parameter>", "\n", '"']
+    for fmt in (DeepSeekFormat(True), DeepSeekFormat(False), KimiFormat(), DSMLFormat()):
         for _ in range(300):
             text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
             content, calls = parse(fmt, [text[i:i + 3] for i in range(0, len(text), 3)])
             assert len(content) <= len(text)
+            parse_streamed(fmt, [text[i:i + 2] for i in range(0, len(text), 2)])
 
 
 def test_parallel_false_keeps_the_first_call():
@@ -135,6 +224,10 @@ def test_detect_from_template_then_vocabulary():
     assert detect("<｜tool▁calls▁begin｜>{{ name }}<｜tool▁sep｜>{{ args }}", none).v31 is True
     assert detect("no tools here", none) is None
     assert isinstance(detect("plain", lambda t: t == "<｜tool▁calls▁begin｜>"), DeepSeekFormat)
+    v4 = detect('{{ "<｜DSML｜tool_calls>" }}<｜DSML｜invoke name="{{ c.function.name }}">', none)
+    assert isinstance(v4, DSMLFormat) and v4.name == "deepseek_v4" and v4.section_begin == "<｜DSML｜tool_calls>"
+    v32 = detect("<｜DSML｜function_calls>", none)  # V3.2: the same tags, the block named function_calls
+    assert v32.name == "deepseek_v3.2" and v32.section_end == "</｜DSML｜function_calls>"
 
 
 # --- the round trip through the server, with a scripted model ------------------------------------
@@ -162,6 +255,13 @@ TEMPLATES = {
                                    "<|tool_call_begin|>{{ c.id }}<|tool_call_argument_begin|>{{ c.function.arguments }}"
                                    "<|tool_call_end|>{% endfor %}<|tool_calls_section_end|>").replace(
         "TOOL", "## Return of {{ m.tool_call_id }}\n{{ m.content }}<|im_end|>"),
+    # V4's release encodes messages in Python (encoding_dsv4.py); a template in its terms: DSML calls
+    # (arguments as one parameter here: Jinja cannot take the JSON apart) and <tool_result> blocks.
+    "v4": _TOOLS + _MSGS.replace("CALLS", "\n\n<｜DSML｜tool_calls>\n{% for c in m.tool_calls %}<｜DSML｜invoke "
+                                 "name=\"{{ c.function.name }}\">\n<｜DSML｜parameter name=\"arguments\" "
+                                 "string=\"false\">{{ c.function.arguments }}</｜DSML｜parameter>\n</｜DSML｜invoke>\n"
+                                 "{% endfor %}</｜DSML｜tool_calls>").replace(
+        "TOOL", "<tool_result>{{ m.content }}</tool_result>"),
 }
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
@@ -181,7 +281,7 @@ def tokenizer_json(tmp_path_factory) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,
                                   special_tokens=["<s>", "</s>", "<|User|>", "<|Assistant|>", *MARKERS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([V3, V31, KIMI, "What is the weather in Paris? It is sunny, 21 degrees."] * 20, trainer)
+    tok.train_from_iterator([V3, V31, KIMI, V4, "What is the weather in Paris? It is sunny, 21 degrees."] * 20, trainer)
     tok.save(str(d / "tokenizer.json"))
     return d / "tokenizer.json"
 
@@ -222,7 +322,7 @@ class ScriptedBackend:
         return logits + mx.eye(self.config.vocab_size)[nxt] * 100.0
 
 
-@pytest.fixture(params=["v3", "v3.1", "kimi"])
+@pytest.fixture(params=IDS)
 def scripted(request, tokenizer_json, tmp_path):
     import shutil
 
@@ -252,7 +352,7 @@ def post(srv, body: dict) -> tuple[int, dict | list]:
 
 
 def answer(kind: str) -> str:
-    return {"v3": V3, "v3.1": V31, "kimi": KIMI}[kind]
+    return {"v3": V3, "v3.1": V31, "kimi": KIMI, "v4": V4}[kind]
 
 
 def test_tools_go_through_the_template_and_calls_come_back(scripted):
@@ -264,7 +364,8 @@ def test_tools_go_through_the_template_and_calls_come_back(scripted):
     choice = out["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     msg = choice["message"]
-    want_content = {"v3": "Let me look that up.", "v3.1": None, "kimi": "I'll check. "}[scripted.kind]
+    want_content = {"v3": "Let me look that up.", "v3.1": None, "kimi": "I'll check. ",
+                    "v4": "Let me check.\n\n"}[scripted.kind]
     assert msg["role"] == "assistant" and msg["content"] == want_content  # null when the answer is only calls
     calls = msg["tool_calls"]
     assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
@@ -289,6 +390,9 @@ def test_streamed_tool_call_deltas(scripted):
             entry["arguments"] += tc.get("function", {}).get("arguments") or ""
     assert [(e["name"], json.loads(e["arguments"])) for e in acc.values()] == CALLS
     assert all(e["id"] for e in acc.values())
+    # the arguments arrive as the model writes them, not in one piece per call
+    pieces = [tc for d in deltas for tc in d.get("tool_calls", []) if tc.get("function", {}).get("arguments")]
+    assert len(pieces) > 2 * len(CALLS)
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
@@ -306,17 +410,22 @@ def test_tool_results_are_fed_back_through_the_template(scripted):
     fmt = scripted.tok.tool_format
     assert fmt.section_begin in prompt and "get_weather" in prompt and '{"city": "Paris"}' in prompt
     assert "sunny, 21 degrees" in prompt
+    if scripted.kind == "v4":
+        assert "<tool_result>sunny, 21 degrees</tool_result>" in prompt
     if scripted.kind == "kimi":
         assert "## Return of functions.get_weather:0" in prompt
 
 
 def test_tool_choice_forces_a_call(scripted):
     fmt = scripted.tok.tool_format
-    assert fmt.name == {"v3": "deepseek_v3", "v3.1": "deepseek_v3.1", "kimi": "kimi_k2"}[scripted.kind]
+    assert fmt.name == {"v3": "deepseek_v3", "v3.1": "deepseek_v3.1", "kimi": "kimi_k2",
+                        "v4": "deepseek_v4"}[scripted.kind]
     # The model continues from the forced prefix: only the arguments and the closing tokens.
     rest = {"v3": "{\"zone\": \"CET\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
             "v3.1": "{\"zone\": \"CET\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
-            "kimi": "0<|tool_call_argument_begin|>{\"zone\": \"CET\"}<|tool_call_end|><|tool_calls_section_end|>"}
+            "kimi": "0<|tool_call_argument_begin|>{\"zone\": \"CET\"}<|tool_call_end|><|tool_calls_section_end|>",
+            "v4": "<｜DSML｜parameter name=\"zone\" string=\"true\">CET</｜DSML｜parameter>\n</｜DSML｜invoke>\n"
+                  "</｜DSML｜tool_calls>"}
     scripted.say(rest[scripted.kind])
     choice = {"type": "function", "function": {"name": "get_time"}}
     for stream in (False, True):
