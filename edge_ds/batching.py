@@ -20,8 +20,9 @@ keeps its own options. Greedy answers equal those of the request run alone (the 
 concurrent requests of different lengths to it, on both backends); sampled ones draw from MLX's one
 global random stream in batch order, so a seed does not reproduce a lone run.
 
-The MLX backend batches models whose every layer is MLA with a plain latent cache (DeepSeek
-V2/V3/R1/V3.1, Kimi-K2, Moonlight; not V3.2's indexer nor V4's compressed caches); the ONNX backend
+The MLX backend batches models whose every layer is MLA over a latent cache (DeepSeek V2/V3/R1/V3.1,
+Kimi-K2, Moonlight, and V3.2, whose indexer takes each row's padding mask; not V4's compressed
+caches); the ONNX backend
 batches exports whose onnx.json lists per-row position_ids and attention_mask. `supported()` says
 why not otherwise, and the server then queues as before.
 """
@@ -67,10 +68,8 @@ def supported(lm: Any) -> str | None:
         return "this backend runs its forward calls itself (--parallel), not through a model to batch"
     cache = backend.make_cache()
     if not isinstance(cache, PromptCache) or not all(type(c) is LatentCache for c in cache):
-        return "this model's caches are not plain latent caches (DeepSeek-V4)"
-    layers = getattr(backend.model, "layers", [])
-    if any("indexer" in getattr(layer, "self_attn", {}) for layer in layers):
-        return "this model's sparse-attention indexer (DeepSeek-V3.2) reads one cache length"
+        return ("this model's caches are not latent caches (DeepSeek-V4: a sliding window and entries pooled "
+                "every m tokens, which each row would reach at its own step; its attention takes one offset)")
     return None
 
 

@@ -169,6 +169,57 @@ def test_a_client_leaving_cancels_only_its_own_row(server, lm):
     assert server.worker._engine.rows == [] and server.worker._engine.waiting == []
 
 
+@pytest.mark.parametrize("kind", ["v32", "v32wide"])
+def test_v32_rows_past_index_topk_batch_like_lone_runs(zoo, kind):
+    """DeepSeek-V3.2's indexer in a batch: rows below and past index_topk (8 / 12) decode together,
+    each row's padding masked out of its choice and of the chosen rows; every row's greedy tokens are
+    the lone run's."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from edge_ds.backends import mlx as mlx_backend
+    from edge_ds.generate import GenerationStats, generate_tokens
+
+    backend = mlx_backend.load(zoo.converted(kind, "none"))
+    lm = SimpleNamespace(backend=backend)
+    assert supported(lm) is None
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, backend.config.vocab_size, size=n).tolist() for n in (3, 5, 9, 2, 14, 7, 4, 11)]
+    lengths = [12 + 2 * i for i in range(8)]
+    want = [list(generate_tokens(backend, p, backend.make_cache(), make_sampler(0.0), n, GenerationStats()))
+            for p, n in zip(prompts, lengths)]
+    engine = BatchEngine(lm, max_rows=8, prefill_step=4)
+    rows = [Row(ids=p, sampler=make_sampler(0.0), max_tokens=n, penalty=None, penalty_context=64, logprobs=None,
+                eos=set(), out=queue.Queue(), cancelled=threading.Event()) for p, n in zip(prompts, lengths)]
+    for r in rows[:3]:
+        engine.add(r)
+    steps = 0
+    while engine.busy:
+        engine.step()
+        steps += 1
+        if steps == 3:
+            for r in rows[3:]:
+                engine.add(r)
+    assert max(len(p) + n for p, n in zip(prompts, lengths)) > 2 * backend.config.index_topk
+    for r, w in zip(rows, want):
+        got = []
+        while (item := r.out.get_nowait()) is not None:
+            got.append(item[0])
+        assert got == w
+
+
+def test_v4_caches_queue_and_say_why():
+    from types import SimpleNamespace
+
+    from edge_ds.cache import PromptCache
+    from edge_ds.models.compressor import V4LayerCache
+
+    v4 = SimpleNamespace(name="mlx", model=SimpleNamespace(layers=[]),
+                         make_cache=lambda: PromptCache(2, lambda: V4LayerCache(8, ())))
+    assert "DeepSeek-V4" in supported(SimpleNamespace(backend=v4))
+
+
 def test_an_onnx_export_without_per_row_inputs_queues_and_says_why(lm_onnx, tmp_path, capsys):
     """An export whose onnx.json does not list per-row position_ids / attention_mask is served one
     request at a time, with the reason said at start."""

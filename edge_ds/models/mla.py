@@ -94,13 +94,18 @@ class MLA(nn.Module):
 
         chosen = None  # [B, L, topk] rows each query reads, or None: all it may see
         if "indexer" in self:
-            chosen = self.indexer(x, q_latent, rows[..., self.latent_dim:], offset, mask)
+            # A batch's per-row mask [B, 1, 1, T] (each row's padding) reaches the indexer as [B, 1, T].
+            index_mask = mask[:, 0] if mask is not None and mask.ndim == 4 else mask
+            chosen = self.indexer(x, q_latent, rows[..., self.latent_dim:], offset, index_mask)
 
         if L == 1:
             if chosen is not None:  # read only the chosen rows: attention work bounded by index_topk
+                chosen = mx.sort(chosen, axis=-1)  # in cache order, whatever order the selection gave
                 rows_of = chosen[:, None, 0, :, None]  # [B, 1, topk, 1]
                 rows_of = mx.broadcast_to(rows_of, (*rows_of.shape[:3], latent.shape[-1]))
                 latent = mx.take_along_axis(latent, rows_of, axis=2)  # [B, 1, topk, kv_lora + rope]
+                if mask is not None:  # a batch: each row's padding mask, at its chosen rows
+                    mask = mx.take_along_axis(mask, chosen[:, None, :, :], axis=-1)  # [B, 1, 1, topk]
             out = self._absorbed(q_nope, q_pe, latent, latent[..., : self.kv_lora_rank], mask)
         else:
             if chosen is not None:
