@@ -116,7 +116,7 @@ def test_specs():
 
 
 @pytest.mark.parametrize("case", ["other_vocab", "missing_dir", "empty_text", "no_candidate", "no_fp8_build"])
-def test_bad_input_is_one_clear_error(dirs, case):
+def test_bad_input_is_one_clear_error(dirs, case, monkeypatch):
     hf, text = str(dirs["hf"]), str(dirs["text"])
     empty = dirs["root"] / "empty.txt"
     empty.write_text("  \n", encoding="utf-8")
@@ -127,8 +127,8 @@ def test_bad_input_is_one_clear_error(dirs, case):
         "no_candidate": ([hf], "give at least one CAND"),
         "no_fp8_build": ([], "edge-ds-tiny-fp8: no datacenter build of the shipped model here; give REF and CAND"),
     }[case]
-    if case == "no_fp8_build" and (ROOT / "Package.resources" / "edge-ds-tiny-fp8").is_dir():
-        pytest.skip("the FP8 build is shipped")
+    if case == "no_fp8_build":  # an installation without the FP8 build (a resources folder without it)
+        monkeypatch.setattr("edge_ds.parity.resources_dir", lambda: dirs["root"])
     r = CliRunner().invoke(cli, ["parity", *args])
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
@@ -154,6 +154,96 @@ def test_shipped_model_same_weights_on_two_runtimes(tmp_path):
     fp8 = edge_ds.load(write_fp8_checkpoint(float_dir, tmp_path / "fp8"), backend="torch", device="cpu", gemm="fp8")
     moved = parity(fp8, [shipped], TEXT, window=64, windows=2).candidates[0]
     assert 1e-5 < moved.kl_mean < 0.05 and moved.top1_agreement > 0.9
+
+
+FP8_BUILD = ROOT / "Package.resources" / "edge-ds-tiny-fp8"
+needs_fp8_build = pytest.mark.skipif(
+    not (FP8_BUILD / "config.json").is_file(),
+    reason="the shipped model's FP8 build is not in Package.resources yet: recipe/make.py writes it from "
+           "the trained float weights (a 65-minute retraining on 2 cores)")
+
+
+def _dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """DeepSeek's weight_dequant, written out: each 128x128 block (ragged at the edges) times its scale."""
+    rows = np.repeat(np.repeat(scale, 128, axis=0), 128, axis=1)[: q.shape[0], : q.shape[1]]
+    return q.astype(np.float64) * rows
+
+
+@needs_fp8_build
+def test_shipped_fp8_build_is_deepseeks_layout_of_the_trained_weights():
+    """The FP8 build in Package.resources is DeepSeek's layout (e4m3 projections, float32 scales of
+    ceil(out/128) x ceil(in/128), DeepSeek's quantization_config) and holds the same trained weights
+    as the shipped 4-bit build: both round one float model, so every weight of one is within the
+    sum of the two rounding errors of the other's (a 4-bit step is far coarser than that margin
+    for unrelated weights)."""
+    import ml_dtypes
+    import mlx.core as mx
+    from safetensors import safe_open
+
+    cfg = json.loads((FP8_BUILD / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}
+    fp8: dict[str, np.ndarray] = {}
+    for f in sorted(FP8_BUILD.glob("model*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                fp8[k] = (t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn) if t.dtype == torch.float8_e4m3fn
+                          else t.float().numpy())
+    q4: dict[str, mx.array] = {}
+    for f in sorted(SHIPPED.glob("model*.safetensors")):
+        q4.update(mx.load(str(f)))
+    quant = json.loads((SHIPPED / "config.json").read_text())["quantization"]
+    group, bits = quant["group_size"], quant["bits"]
+    checked = 0
+    for name, q in fp8.items():
+        if q.dtype != ml_dtypes.float8_e4m3fn:
+            continue
+        scale = fp8[name + "_scale_inv"]
+        assert scale.dtype == np.float32 and scale.shape == (-(-q.shape[0] // 128), -(-q.shape[1] // 128)), name
+        w8 = _dequantize_fp8(q, scale)
+        module = name.removesuffix(".weight")
+        if ".mlp.experts." in module:  # MLX stacks routed experts: switch_mlp.{proj}.weight [E, out, in]
+            layer, rest = module.split(".mlp.experts.")
+            e, proj = rest.split(".")
+            mlx_module, index = f"{layer}.mlp.switch_mlp.{proj}", (int(e),)
+        elif ".kv_b_proj" in module:  # split into embed_q / unembed_out by the converter
+            continue
+        else:
+            mlx_module, index = module, ()
+        w = q4[mlx_module + ".weight"]
+        if mlx_module + ".scales" in q4:
+            s, b = q4[mlx_module + ".scales"], q4[mlx_module + ".biases"]
+            if index:
+                w, s, b = w[index], s[index], b[index]
+            w4 = np.array(mx.dequantize(w, s, b, group_size=group, bits=bits).astype(mx.float32), np.float64)
+            step = np.abs(np.repeat(np.array(s.astype(mx.float32), np.float64), group, axis=-1))  # one 4-bit step
+        else:  # kept in float by the converter (an input width that is not a multiple of the group)
+            w4 = np.array((w[index] if index else w).astype(mx.float32), np.float64)
+            step = np.zeros_like(w4)
+        # |q4 - w| <= one step (MLX's affine grid is shifted to hold 0 exactly, so not always half a
+        # step); |fp8 - w| <= 2^-4 |w| (3 mantissa bits) + half an e4m3 subnormal step.
+        margin = step + 2.0**-4 * np.abs(w8) / (1 - 2.0**-4) + 2.0**-10 * scale.max()
+        assert np.all(np.abs(w8 - w4) <= margin * 1.0001), name
+        # Rounding errors average a quarter step; unrelated weights would differ by several steps.
+        if step.any():
+            assert np.mean(np.abs(w8 - w4)) < 0.4 * np.mean(step), (name, np.mean(np.abs(w8 - w4)) / np.mean(step))
+        checked += 1
+    assert checked >= 40
+
+
+@needs_fp8_build
+def test_parity_with_no_arguments_compares_the_shipped_builds():
+    """`edge-ds parity` alone: the FP8 build on torch (gemm fp8) against the shipped 4-bit MLX build
+    and its ONNX export."""
+    r = CliRunner().invoke(cli, ["parity", "--windows", "2", "--window", "64", "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["reference"].endswith("edge-ds-tiny-fp8") and out["reference_backend"] == "torch"
+    assert [c["backend"] for c in out["candidates"]] == ["mlx", "onnx"]
+    for c in out["candidates"]:
+        # The same trained model: unrelated weights would disagree on most tokens (KL of nats).
+        assert c["kl_mean"] < 0.05 and c["top1_agreement"] > 0.85 and abs(c["perplexity_gap"]) < 0.05, c
 
 
 def test_guess_backend(dirs, tmp_path):

@@ -2,10 +2,13 @@
 
     python Package.resources/edge-ds-tiny/recipe/make.py [--work DIR]
 
-corpus (committed xz) -> sentencepiece tokenizer -> train (train.py, ~50 min on 2 cores) ->
-`edge-ds convert` to float32 / 8-bit / 4-bit -> validation perplexity of each with edge-ds ->
-`edge-ds bench` on the 4-bit model -> greedy samples -> report.json + the model's README.md ->
-install the 4-bit model into Package.resources/edge-ds-tiny/ (recipe/ is left as it is).
+corpus (committed xz) -> sentencepiece tokenizer -> train (train.py, ~65 min on 2 cores) ->
+`edge-ds convert` to float32 / 8-bit / 4-bit (+ its ONNX export) -> the datacenter build: the float
+weights in DeepSeek's FP8 layout (edge_ds.datacenter.write_fp8_checkpoint) -> validation perplexity
+of each with edge-ds -> `edge-ds bench` on the 4-bit model -> greedy samples -> report.json + the
+model's README.md -> install the 4-bit model into Package.resources/edge-ds-tiny/ (recipe/ is left
+as it is) and the FP8 build into Package.resources/edge-ds-tiny-fp8/ (what `edge-ds parity` with
+no arguments takes as its reference).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import corpus  # noqa: E402
 
 QUANTS = {"float32": ("none", None, "float32"), "8bit": ("8bit", 64, "float32"), "4bit": ("4bit", 64, "float32")}
 SHIPPED = "4bit"
+FP8 = "fp8"  # the datacenter build: e4m3 + 128x128 weight_scale_inv, run on the torch backend
+FP8_DIR = MODEL_DIR.parent / (MODEL_DIR.name + "-fp8")
 SAMPLE_PROMPTS = [
     "In the beginning",
     "And the LORD spake unto Moses, saying,",
@@ -62,6 +67,11 @@ def convert_all(work: Path) -> dict[str, Path]:
         # The shipped build carries its onnxruntime export too, made from the float weights.
         convert(work / "hf", dst, quant=quant, group_size=group, dtype=dtype, progress=False, onnx=name == SHIPPED)
         out[name] = dst
+    from edge_ds.datacenter import write_fp8_checkpoint
+
+    fp8 = work / FP8
+    shutil.rmtree(fp8, ignore_errors=True)
+    out[FP8] = write_fp8_checkpoint(work / "hf", fp8)
     return out
 
 
@@ -74,7 +84,10 @@ def evaluate(dirs: dict[str, Path], window: int) -> dict:
     text = corpus.VALIDATION.read_text(encoding="utf-8")
     report: dict = {"perplexity": {}, "size_bytes": {}, "bits_per_weight": {}}
     for name, d in dirs.items():
-        lm = edge_ds.load(d, backend="mlx")
+        if name == FP8:  # DeepSeek's FP8 serving numerics (torch, emulated exactly on the CPU)
+            lm = edge_ds.load(d, backend="torch", device="cpu", gemm="fp8")
+        else:
+            lm = edge_ds.load(d, backend="mlx")
         t = time.time()
         result = perplexity(lm, text, window)
         report["perplexity"][name] = result.perplexity
@@ -106,13 +119,25 @@ def corpus_tokens(tokenizer_dir: Path) -> int:
     return sum(len(tok.encode("\n".join(c))) + 1 for c in train)
 
 
-def install(src: Path) -> None:
-    """Replace the model files in Package.resources/edge-ds-tiny with src's, keeping recipe/."""
+def install(src: Path, fp8: Path) -> None:
+    """Replace the model files in Package.resources/edge-ds-tiny with src's, keeping recipe/, and
+    Package.resources/edge-ds-tiny-fp8 with the FP8 build."""
     for old in MODEL_DIR.glob("model*.safetensors"):
         old.unlink()
     for f in [*src.glob("model*.safetensors"), *(src / n for n in MODEL_FILES)]:
         if f.is_file():
             shutil.copy2(f, MODEL_DIR / f.name)
+    shutil.rmtree(FP8_DIR, ignore_errors=True)
+    shutil.copytree(fp8, FP8_DIR)
+    shutil.copy2(MODEL_DIR / "LICENSE", FP8_DIR / "LICENSE")
+    (FP8_DIR / "README.md").write_text(
+        "# edge-ds-tiny, datacenter build\n\n"
+        "The float weights edge-ds-tiny was trained to (see ../edge-ds-tiny/README.md), written by\n"
+        "`recipe/make.py` in DeepSeek-V3's FP8 layout: decoder projections as float8_e4m3fn with float32\n"
+        "`weight_scale_inv` per 128x128 block, embeddings, norms, router and head in bfloat16, the\n"
+        "router's correction bias in float32 (`edge_ds.datacenter.write_fp8_checkpoint`). It runs on the\n"
+        "torch backend (`pip install -e \".[torch]\"`) and is the reference `edge-ds parity` takes\n"
+        "with no arguments. MIT licence, like the 4-bit build.\n")
 
 
 def write_readme(report: dict, log: dict) -> None:
@@ -121,6 +146,10 @@ def write_readme(report: dict, log: dict) -> None:
     rows = "\n".join(
         f"| {name} | {ppl[name]:.3f} | {100 * (ppl[name] / f32 - 1):+.2f}% | {report['bits_per_weight'][name]} | "
         f"{report['size_bytes'][name] / 1e6:.1f} MB |" for name in QUANTS)
+    if FP8 in ppl:
+        rows += (f"\n| FP8 (DeepSeek's layout and numerics, torch backend; `../edge-ds-tiny-fp8`) | {ppl[FP8]:.3f} | "
+                 f"{100 * (ppl[FP8] / f32 - 1):+.2f}% | {report['bits_per_weight'][FP8]} | "
+                 f"{report['size_bytes'][FP8] / 1e6:.1f} MB |")
     if "perplexity_onnx" in report:
         onnx = report["perplexity_onnx"]
         rows += (f"\n| 4bit, its onnxruntime export (block 32; the default backend off Apple Silicon) | {onnx:.3f} | "
@@ -212,7 +241,7 @@ def main() -> None:
     report["corpus_tokens"] = corpus_tokens(work / "hf")
     (work / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     if not args.no_install:
-        install(dirs[SHIPPED])
+        install(dirs[SHIPPED], dirs[FP8])
         shutil.copy2(work / "report.json", HERE / "report.json")
         shutil.copy2(work / "train_log.json", HERE / "train_log.json")
         write_readme(report, log)
