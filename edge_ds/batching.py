@@ -1,6 +1,7 @@
 """Continuous batching for the server (`edge-ds serve --max-concurrency N`): the decode steps of up
 to N requests run as one batch over latent caches of different lengths; requests join and leave
-between steps, and a newcomer's prompt is prefilled one chunk per step so the others keep decoding.
+between steps, and newcomers' prompts are prefilled one chunk's worth of tokens per step so the others
+keep decoding.
 
 How rows of different lengths share one forward pass without any change to the model (a backend's
 `batch_rows()` object, or MlxRows for the MLX backend, holds the batch's caches):
@@ -197,9 +198,19 @@ class BatchEngine:
         self.waiting.append(row)
 
     def step(self) -> None:
+        """Prefill of newcomers, oldest first, up to one chunk's worth of tokens (so several short
+        prompts join in one step, and the others never wait more than one chunk), then one decode."""
         self._drop_finished()
-        if self.waiting and len(self.rows) < self.max_rows:
-            self._prefill_chunk(self.waiting[0])
+        budget = self.prefill_step
+        while self.waiting and len(self.rows) < self.max_rows:
+            row = self.waiting[0]
+            chunk = min(len(row.ids) - row.done_prefill, self.prefill_step)
+            if chunk > budget:
+                break
+            self._prefill_chunk(row)
+            budget -= chunk
+            if row in self.waiting:  # a long prompt: its next chunk waits for the next step
+                break
         if self.rows:
             self._decode()
         self._drop_finished()

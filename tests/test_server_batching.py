@@ -40,6 +40,20 @@ def either(request, lm, lm_onnx):
 
 
 @pytest.fixture(scope="module")
+def server_onnx(lm_onnx):
+    srv = make_server(lm_onnx, "127.0.0.1", 0, quiet=True, max_concurrency=4)
+    srv.start()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(params=["mlx", "onnx"])
+def served(request, lm, lm_onnx, server, server_onnx):
+    """(a batching server with 4 rows, its model) on each backend."""
+    return (server, lm) if request.param == "mlx" else (server_onnx, lm_onnx)
+
+
+@pytest.fixture(scope="module")
 def server(lm):
     srv = make_server(lm, "127.0.0.1", 0, quiet=True, max_concurrency=4)
     srv.start()
@@ -118,7 +132,8 @@ def test_eight_concurrent_requests_equal_their_lone_answers(either):
         srv.close()
 
 
-def test_chat_stop_strings_and_logprobs_in_a_batch(server, lm):
+def test_chat_stop_strings_and_logprobs_in_a_batch(served):
+    server, lm = served
     chats = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
     full = [lm.generate(c, max_tokens=20, logprobs=2) for c in chats]
     stops = [g.text.split()[2] for g in full]
@@ -133,18 +148,23 @@ def test_chat_stop_strings_and_logprobs_in_a_batch(server, lm):
         entries = choice["logprobs"]["content"]
         assert [e["token"] for e in entries] == [lm.tokenizer.token_bytes(e.token).decode()
                                                  for e in g.logprobs[:len(entries)]]
+        # ONNX: a batch runs onnxruntime's several-row kernels, whose float rounding (~4e-6 on the logits)
+        # the int8 activation quantization of --accuracy-level 4 can turn into one int8 step (~1e-3 here)
+        tol = 1e-3 if lm.backend.name == "mlx" else 1e-2
         for e, w in zip(entries, g.logprobs):
-            assert abs(e["logprob"] - w.logprob) < 1e-3
+            assert abs(e["logprob"] - w.logprob) < tol
 
 
-def test_more_requests_than_rows_wait_their_turn(server, lm):
+def test_more_requests_than_rows_wait_their_turn(served):
+    server, lm = served
     want = [lm.generate(p, max_tokens=12, chat_template=False).text for p in PROMPTS]
     got = together([lambda p=p: post(server, "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0})
                     for p in PROMPTS])
     assert [o["choices"][0]["text"] for o in got] == want
 
 
-def test_a_client_leaving_cancels_only_its_own_row(server, lm):
+def test_a_client_leaving_cancels_only_its_own_row(served):
+    server, lm = served
     want = [lm.generate(p, max_tokens=40, chat_template=False).text for p in PROMPTS[:2]]
     host, port = server.server_address[:2]
 
