@@ -156,8 +156,9 @@ def test_weight_dequant_wrong_scale_shape_names_tensor():
                        name="q_b_proj.weight")
 
 
-def quant_oracle(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per 128x128 block with loops: s = amax / 448 in float32 (1 for all-zero), q = e4m3(w / s)."""
+def quant_oracle(w: np.ndarray, ue8m0: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per 128x128 block with loops: s = amax / 448 in float32 (1 for all-zero; ue8m0: 2^ceil(log2 s),
+    log2 in float64), q = e4m3(w / s)."""
     s = np.ones((-(-w.shape[0] // B), -(-w.shape[1] // B)), np.float32)
     q = np.zeros(w.shape, FP8)
     for i in range(s.shape[0]):
@@ -165,6 +166,8 @@ def quant_oracle(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             blk = w[i * B:(i + 1) * B, j * B:(j + 1) * B]
             amax = np.float32(np.abs(blk).max())
             s[i, j] = amax / np.float32(448) if amax > 0 else np.float32(1)
+            if ue8m0:
+                s[i, j] = np.float32(2.0 ** math.ceil(math.log2(float(s[i, j]))))
             q[i * B:(i + 1) * B, j * B:(j + 1) * B] = (blk / s[i, j]).astype(FP8)
     return q.view(np.uint8), s
 
@@ -180,6 +183,83 @@ def test_weight_quant_bit_identical(shape):
     np.testing.assert_array_equal(bits(q), q_want)
     with pytest.raises(EdgeDSError, match="non-finite"):
         weight_quant(torch.tensor([[1.0, float("nan")]]), name="w")
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (192, 130)])
+def test_weight_quant_ue8m0_bit_identical(shape):
+    """DeepSeek-V4's power-of-two block scales: bit-identical to the loop oracle, exact in E8M0."""
+    rng = np.random.default_rng(shape[0])
+    w = wide(shape, rng)
+    w[:128, :128] = 0.0
+    w[128:, :128] *= np.float32(448 * 2.0**-3) / np.abs(w[128:, :128]).max()  # amax / 448 a power of two exactly
+    q, s = weight_quant(torch.from_numpy(w), scale_fmt="ue8m0")
+    q_want, s_want = quant_oracle(w, ue8m0=True)
+    np.testing.assert_array_equal(s.numpy(), s_want)
+    np.testing.assert_array_equal(bits(q), q_want)
+    assert s[1, 0] == 2.0**-3 and s[0, 0] == 1.0
+    np.testing.assert_array_equal(s.to(torch.float8_e8m0fnu).float().numpy(), s_want)
+    with pytest.raises(EdgeDSError, match="scale_fmt"):
+        weight_quant(torch.ones(2, 2), name="w", scale_fmt="e5m2")
+
+
+@pytest.mark.parametrize("name,want", [
+    ("model.layers.0.self_attn.q_a_proj.weight", True),
+    ("model.layers.0.self_attn.q_b_proj.weight", True),
+    ("model.layers.0.self_attn.kv_proj.weight", True),
+    ("model.layers.0.self_attn.o_a_proj.weight", True),
+    ("model.layers.0.self_attn.o_b_proj.weight", True),
+    ("model.layers.1.self_attn.compressor.indexer.q_b_proj.weight", True),
+    ("model.layers.0.mlp.experts.3.gate_proj.weight", True),
+    ("model.layers.0.mlp.shared_experts.down_proj.weight", True),
+    # BF16 in DeepSeek's V4 release: the compressor's and indexer's pooling projections, weights_proj
+    ("model.layers.1.self_attn.compressor.kv_proj.weight", False),
+    ("model.layers.1.self_attn.compressor.gate_proj.weight", False),
+    ("model.layers.1.self_attn.compressor.indexer.kv_proj.weight", False),
+    ("model.layers.1.self_attn.compressor.indexer.gate_proj.weight", False),
+    ("model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight", False),
+    ("model.layers.0.mlp.gate.weight", False),
+    ("model.layers.0.attn_hc.fn", False),
+    ("model.hc_head.hc_fn", False),
+    ("model.embed_tokens.weight", False),
+    # V3.2's names as before
+    ("model.layers.1.self_attn.indexer.wq_b.weight", True),
+    ("model.layers.1.self_attn.indexer.weights_proj.weight", False),
+])
+def test_fp8_targets_of_v4(name, want):
+    from edge_ds.datacenter.io import is_fp8_target
+
+    assert is_fp8_target(name, (256, 256)) is want
+
+
+def test_fp8_experts_clamp_at_swiglu_limit():
+    """FP8Experts(limit): each routed token's down(silu(min(gate, limit)) * clip(up, +-limit)) times its
+    weight, summed per token; the expert products are the (separately tested) FP8 linears."""
+    from edge_ds.datacenter import FP8Experts
+
+    rng = np.random.default_rng(7)
+    E, D, I, T, k, limit = 3, 160, 96, 6, 2, 0.05
+
+    def linear(n, m):
+        return FP8Linear(to_torch_fp8(random_fp8((n, m), rng)), torch.from_numpy(random_scales((-(-n // B), -(-m // B)), rng) * 1e-2))
+
+    experts = [(linear(I, D), linear(I, D), linear(D, I)) for _ in range(E)]
+    x = torch.from_numpy(wide((T, D), rng))
+    idx = torch.from_numpy(rng.permuted(np.tile(np.arange(E), (T, 1)), axis=1)[:, :k].copy())
+    w = torch.from_numpy(rng.uniform(0.1, 1.0, (T, k)).astype(np.float32))
+    got = FP8Experts(experts, torch.nn.functional.silu, limit)(x, idx, w)
+    want = torch.zeros(T, D)
+    clamped = False
+    for t in range(T):
+        for j in range(k):
+            g, u, d = experts[int(idx[t, j])]
+            gate, up = g(x[t:t + 1]), u(x[t:t + 1])
+            clamped |= bool((gate > limit).any() or (up.abs() > limit).any())
+            h = torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+            want[t] += (d(h) * w[t, j])[0]
+    assert clamped  # the limit is reached, so the test sees it
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    unclamped = FP8Experts(experts, torch.nn.functional.silu)(x, idx, w)
+    assert not torch.allclose(unclamped, want, rtol=1e-3, atol=1e-4)
 
 
 # --- the block GEMM -----------------------------------------------------------------------

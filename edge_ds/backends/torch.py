@@ -38,9 +38,11 @@ DEVICES = ("cpu", "cuda")
 GEMMS = ("bf16", "fp8")
 DTYPES = ("bfloat16", "float32")
 # transformers' class names per model_type (kimi_k2 is the V3 architecture).
-ARCH = {"deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3", "kimi_k2": "DeepseekV3", "deepseek_v32": "DeepseekV32"}
+ARCH = {"deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3", "kimi_k2": "DeepseekV3", "deepseek_v32": "DeepseekV32",
+        "deepseek_v4": "DeepseekV4"}
 # FP8 weights DeepSeek dequantizes instead of running through the FP8 GEMM (absorbed MLA).
-DEQUANTIZED_FP8 = ("kv_b_proj",)
+# V4's grouped o_a_proj (one product per head group) is not a plain linear: dequantized too.
+DEQUANTIZED_FP8 = ("kv_b_proj", "o_a_proj")
 
 
 class _Layer:
@@ -152,6 +154,8 @@ def router_fix_needed(cfg: ModelConfig) -> str | None:
     """Why transformers' router would not compute what config.json says (None: it would).
     Its V2 router never renormalises (norm_topk_prob); its V3 router always scores with a
     sigmoid, adds the correction bias and limits groups (scoring_func, topk_method)."""
+    if cfg.model_type == "deepseek_v4":
+        return "float32 scores"  # its routers score in the activation dtype; DeepSeek's gate in float32
     if cfg.model_type == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
         return "norm_topk_prob"
     if cfg.model_type != "deepseek_v2" and (cfg.scoring_func != "sigmoid" or cfg.topk_method != "noaux_tc"):
@@ -196,6 +200,45 @@ def _config_router(cfg: ModelConfig, has_bias: bool) -> Any:
             return logits, weights * cfg.routed_scaling_factor, indices
 
     return ConfigRouter()
+
+
+def _v4_router(cfg: ModelConfig, hashed: bool) -> Any:
+    """DeepSeek-V4's gate with the call of transformers' V4 routers: hidden [..., H] (and, for a
+    hash layer, input_ids) -> (router logits [N, E], weights [N, k], expert indices [N, k]).
+    Logits and scores in float32 whatever the activation dtype (transformers' routers compute
+    them in the activation dtype): sqrtsoftplus, sigmoid or softmax; a top-k layer chooses by
+    score + e_score_correction_bias, a hash layer takes the token's row of tid2eid; weights are
+    the chosen scores over their sum (+1e-20) times routed_scaling_factor (as
+    edge_ds/models/deepseek_v4.py's Router)."""
+    import torch
+    from torch import nn
+
+    class V4Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+            if hashed:
+                self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+            else:
+                self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+        def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None):
+            logits = nn.functional.linear(hidden.reshape(-1, cfg.hidden_size).float(), self.weight.float())
+            if cfg.scoring_func == "sqrtsoftplus":
+                scores = nn.functional.softplus(logits).sqrt()
+            elif cfg.scoring_func == "sigmoid":
+                scores = logits.sigmoid()
+            else:
+                scores = logits.softmax(dim=-1)
+            if hashed:
+                indices = self.tid2eid[input_ids.reshape(-1)].long()
+            else:
+                indices = (scores + self.e_score_correction_bias.float()).topk(cfg.num_experts_per_tok, dim=-1)[1]
+            weights = scores.gather(1, indices)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return logits, weights * cfg.routed_scaling_factor, indices
+
+    return V4Router()
 
 
 def _hf_config(raw: dict, source: Path) -> Any:
@@ -255,10 +298,17 @@ class TorchModel:
         self.dtype = getattr(torch, dtype)
         self.path = directory
 
+        self.v4 = raw["model_type"] == "deepseek_v4"
+        if self.v4:
+            _refuse_official_v4(directory)
         hf_cfg = _hf_config(raw, directory / "config.json")
-        # eager is the attention transformers' parity tests use; SDPA on the GPU.
-        hf_cfg._attn_implementation = "sdpa" if device == "cuda" else "eager"
+        # eager is the attention transformers' parity tests use; SDPA on the GPU (V4: eager only,
+        # transformers' SDPA path has no attention sinks).
+        hf_cfg._attn_implementation = "sdpa" if device == "cuda" and not self.v4 else "eager"
         cls = getattr(transformers, f"{ARCH[raw['model_type']]}ForCausalLM")
+        # Kept in float32 whatever the activation dtype, as transformers' bf16 loading keeps them
+        # (V4: hyper-connections, sinks, pooling biases, norms; V3: the correction bias).
+        self._float32_modules = tuple(getattr(cls, "_keep_in_fp32_modules_strict", None) or ())
         previous = torch.get_default_dtype()
         try:
             torch.set_default_dtype(self.dtype)
@@ -272,7 +322,8 @@ class TorchModel:
             for name, module in list(model.named_modules()):
                 if name.endswith(".mlp.gate") and hasattr(module, "weight"):
                     with torch.device(device):
-                        router = _config_router(self.config, hasattr(module, "e_score_correction_bias"))
+                        router = (_v4_router(self.config, hasattr(module, "tid2eid")) if self.v4 else
+                                  _config_router(self.config, hasattr(module, "e_score_correction_bias")))
                     self._swap(model, name, router)
         self.fp8_layers = self._load_weights(model, directory, torch.device(device))
         self.model = model.eval()
@@ -291,7 +342,10 @@ class TorchModel:
         ckpt = TorchCheckpoint(directory)
         # Names and shapes only: each tensor replaces its empty placeholder as it is read, so
         # loading holds the model once, not twice.
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        integer = {k for k, v in state.items() if not v.is_floating_point()}  # V4's tid2eid
+        del state
         fp8 = self.gemm == "fp8"
         replaced: set[str] = set()  # module paths swapped for FP8 modules
         loaded: set[str] = set()
@@ -301,6 +355,10 @@ class TorchModel:
         def weight(name: str, dtype: torch.dtype) -> torch.Tensor:
             """A float weight, FP8 ones dequantized by the fixed 128 rule."""
             t = read(name)
+            if not t.is_floating_point():
+                raise EdgeDSError(f"{directory}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}, not a float "
+                                  "weight (packed FP4 experts, as in DeepSeek-V4's release, are not supported on "
+                                  "torch: use a BF16 or FP8 checkpoint)")
             if t.dtype == torch.float8_e4m3fn:
                 return weight_dequant(t, read(name + "_scale_inv"), torch.float32, name).to(dtype)
             return t.to(dtype)
@@ -320,7 +378,8 @@ class TorchModel:
                 if fp8 and ckpt.is_fp8(names[0][0]):
                     module = model.get_submodule(path)
                     experts = [tuple(fp8_linear(n) for n in trio) for trio in names]
-                    self._swap(model, path, FP8Experts(experts, module.act_fn))
+                    # V4's swiglu_limit clamps gate and up (transformers' V4 experts' `limit`)
+                    self._swap(model, path, FP8Experts(experts, module.act_fn, getattr(module, "limit", None)))
                     replaced.add(path)
                     continue
                 if leaf == "gate_up_proj":
@@ -330,15 +389,23 @@ class TorchModel:
             else:
                 module = model.get_submodule(path) if path else model
                 is_fp8_weight = ckpt.is_fp8(key)
-                if (fp8 and is_fp8_weight and leaf == "weight" and isinstance(module, nn.Linear)
+                if (fp8 and is_fp8_weight and leaf == "weight" and type(module) is nn.Linear
                         and not path.endswith(DEQUANTIZED_FP8)):
                     self._swap(model, path, fp8_linear(key))
                     replaced.add(path)
                     continue
                 if key not in ckpt and leaf == "weight" and path == "lm_head" and self.config.tie_word_embeddings:
                     continue  # tied to the embeddings
-                # The correction bias is float32 in DeepSeek's checkpoints and code; the rest in the compute dtype.
-                t = weight(key, torch.float32 if leaf == "e_score_correction_bias" else self.dtype)
+                if key in integer:  # an index table (V4's tid2eid): its values, in the placeholder's dtype
+                    t = read(key)
+                    if t.is_floating_point():
+                        raise EdgeDSError(f"{directory}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; "
+                                          "it must hold integer expert ids")
+                    t = t.to(torch.long)
+                else:
+                    # The correction bias is float32 in DeepSeek's checkpoints and code (and V4's sinks,
+                    # pooling biases, hyper-connections and norms in transformers'); the rest in the compute dtype.
+                    t = weight(key, torch.float32 if self._keeps_float32(key) else self.dtype)
             if tuple(t.shape) != target:
                 raise EdgeDSError(f"{directory}: tensor {key!r} has shape {list(t.shape)}, the config needs "
                                   f"{list(target)}")
@@ -355,6 +422,16 @@ class TorchModel:
         if missing:
             raise EdgeDSError(f"{directory}: tensors not loaded: {', '.join(missing[:5])}")
         return len(replaced)
+
+    def _keeps_float32(self, key: str) -> bool:
+        """Whether tensor `key` stays float32 whatever the activation dtype: the correction bias and
+        V4's float32 tensors (layout.keeps_float32), and whatever transformers' own bf16 loading keeps
+        in float32 (its class's `_keep_in_fp32_modules_strict`, matched as transformers matches it:
+        as a substring of the name)."""
+        from .. import layout
+
+        return (key.endswith("e_score_correction_bias") or layout.keeps_float32(key)
+                or any(m in key for m in self._float32_modules))
 
     @staticmethod
     def _swap(model: Any, path: str, module: Any) -> None:
@@ -444,6 +521,19 @@ class TorchModel:
             cache.ids = ids if cache.ids is None else torch.cat([cache.ids, ids], dim=1)
             cache.held = cache.offset
             return out.logits.float()
+
+
+def _refuse_official_v4(directory: Path) -> None:
+    """DeepSeek's own V4 release layout (unprefixed `embed.weight`, `layers.N.attn.*`, `.scale`
+    companions, packed FP4 experts) is not read here: one message saying what to use instead."""
+    from ..datacenter.io import TorchCheckpoint
+
+    names = TorchCheckpoint(directory).names()
+    if "embed.weight" in names or any(n.startswith("layers.") for n in names):
+        raise EdgeDSError(f"{directory}: DeepSeek's official V4 release layout (embed.weight, layers.N.attn.*); the "
+                          "torch backend reads the transformers-format checkpoint (transformers' tensor names, as "
+                          "DeepseekV4ForCausalLM.save_pretrained writes them). `edge-ds convert` reads the release "
+                          "layout for the MLX backend.")
 
 
 def detect(directory: Path) -> bool:

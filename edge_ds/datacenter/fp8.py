@@ -93,10 +93,14 @@ def weight_dequant(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (weight.to(torch.float32) * _expand_scale(scale.to(torch.float32), *weight.shape)).to(dtype)
 
 
-def weight_quant(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, name: str = "weight", scale_fmt: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float [N, K] -> (e4m3 [N, K], float32 scale_inv [ceil(N/128), ceil(K/128)]), the layout of
     DeepSeek's FP8 checkpoints: per 128x128 block (ragged edges as they are) s = amax / 448 in
-    float32 (1 for an all-zero block), q = e4m3(w / s) rounded to nearest even."""
+    float32 (1 for an all-zero block), q = e4m3(w / s) rounded to nearest even. scale_fmt "ue8m0"
+    (DeepSeek-V4's checkpoints): s rounded up to a power of two, 2^ceil(log2(amax / 448))."""
+    if scale_fmt not in (None, "ue8m0"):
+        raise EdgeDSError(f"{name}: scale_fmt must be null or 'ue8m0', got {scale_fmt!r}")
     if w.dim() != 2:
         raise EdgeDSError(f"{name}: only 2-D weights are FP8 blocks, got shape {list(w.shape)}")
     w = w.to(torch.float32)
@@ -109,6 +113,8 @@ def weight_quant(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, t
     blocks = padded.view(nb, BLOCK, kb, BLOCK)
     amax = blocks.abs().amax(dim=(1, 3))
     s = torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)
+    if scale_fmt == "ue8m0":
+        s = _pow2_ceil(s)
     q = (blocks / s[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q.view(nb * BLOCK, kb * BLOCK)[:N, :K].contiguous(), s
 
@@ -238,15 +244,24 @@ class FP8Linear(nn.Module):
 
 class FP8Experts(nn.Module):
     """Routed experts as FP8 linears; the call of transformers' DeepseekV3Experts:
-    (hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]."""
+    (hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]. `limit` (DeepSeek-V4's
+    swiglu_limit): gate clamped above at limit and up to [-limit, limit] before act(gate) * up."""
 
-    def __init__(self, experts: list[tuple[FP8Linear, FP8Linear, FP8Linear]], act: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, experts: list[tuple[FP8Linear, FP8Linear, FP8Linear]], act: Callable[[torch.Tensor], torch.Tensor],
+                 limit: float | None = None):
         super().__init__()
         self.gate = nn.ModuleList(e[0] for e in experts)
         self.up = nn.ModuleList(e[1] for e in experts)
         self.down = nn.ModuleList(e[2] for e in experts)
         self.num_experts = len(experts)
         self.act_fn = act
+        self.limit = limit
+
+    def _glu(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate[e](x), self.up[e](x)
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(min=-self.limit, max=self.limit)
+        return self.act_fn(gate) * up
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
@@ -254,6 +269,6 @@ class FP8Experts(nn.Module):
         for e in torch.unique(top_k_index).tolist():
             token, slot = torch.where(top_k_index == e)
             x = hidden_states[token]
-            y = self.down[e](self.act_fn(self.gate[e](x)) * self.up[e](x))
+            y = self.down[e](self._glu(e, x))
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out

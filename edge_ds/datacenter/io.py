@@ -25,6 +25,8 @@ def _to_torch(a: np.ndarray) -> "torch.Tensor":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     if name == "float8_e4m3fn":
         return torch.from_numpy(a.view(np.uint8)).view(torch.float8_e4m3fn)
+    if name == "float8_e8m0fnu":  # power-of-two block scales (DeepSeek-V4's ue8m0)
+        return torch.from_numpy(a.view(np.uint8)).view(torch.float8_e8m0fnu)
     return torch.from_numpy(a)
 
 
@@ -101,22 +103,41 @@ FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynami
 
 def is_fp8_target(name: str, shape: tuple) -> bool:
     """DeepSeek's FP8 tensors: the 2-D projection weights of the decoder layers (attention, dense
-    MLP, shared and routed experts, MTP) and V3.2's indexer wq_b and wk. Not embeddings, head,
-    norms, the router (`mlp.gate`) or its correction bias, nor the indexer's weights_proj."""
+    MLP, shared and routed experts, MTP), V3.2's indexer wq_b and wk, and V4's indexer q_b_proj.
+    Not embeddings, head, norms, the router (`mlp.gate`) or its correction bias, the indexer's
+    weights_proj, nor V4's compressor and indexer kv_proj/gate_proj (BF16 in DeepSeek's V4
+    release, as transformers' V4 `_keep_in_fp32_modules` notes)."""
+    if ".compressor." in name and not name.endswith(".indexer.q_b_proj.weight"):
+        return False
     return (len(shape) == 2 and name.startswith("model.layers.")
             and name.endswith(("_proj.weight", "_proj_with_mqa.weight", ".indexer.wq_b.weight", ".indexer.wk.weight"))
             and not name.endswith("weights_proj.weight"))
 
 
+def _scale_fmt(cfg: dict, scale_fmt: str | None) -> str | None:
+    """"auto": DeepSeek-V4's power-of-two (ue8m0) block scales for deepseek_v4, float32 ones otherwise."""
+    if scale_fmt == "auto":
+        return "ue8m0" if cfg.get("model_type") == "deepseek_v4" else None
+    if scale_fmt not in (None, "ue8m0"):
+        raise EdgeDSError(f"scale_fmt must be 'auto', null or 'ue8m0', got {scale_fmt!r}")
+    return scale_fmt
+
+
 def write_fp8_checkpoint(src: str | Path, dst: str | Path, shard_bytes: int = 2 * 10**9,
-                         progress: Callable[[int, int, str], None] | None = None) -> Path:
+                         progress: Callable[[int, int, str], None] | None = None,
+                         scale_fmt: str | None = "auto") -> Path:
     """A float Hugging Face checkpoint in `src` -> `dst` in DeepSeek's FP8 layout: e4m3 projection
-    weights with float32 `weight_scale_inv` [ceil(out/128), ceil(in/128)] (see weight_quant),
-    everything else bfloat16 except the router's float32 correction bias; shards of about
-    `shard_bytes` with model.safetensors.index.json; config.json with DeepSeek's
-    quantization_config. Written to a hidden directory renamed at the end."""
+    weights with `weight_scale_inv` [ceil(out/128), ceil(in/128)] (see weight_quant), everything
+    else bfloat16 except the tensors DeepSeek keeps in float32 (the router's correction bias, V4's
+    sinks, pooling biases and hyper-connections: layout.keeps_float32) and integer tables (V4's
+    tid2eid), kept as they are; shards of about `shard_bytes` with model.safetensors.index.json;
+    config.json with DeepSeek's quantization_config. scale_fmt "auto" (the default): V4 checkpoints
+    get "ue8m0", as DeepSeek's V4 release: power-of-two scales stored as F8_E8M0, and
+    `scale_fmt: ue8m0` in the quantization_config (activation scales round up to powers of two
+    too); other families float32 scales. Written to a hidden directory renamed at the end."""
     from safetensors.torch import save_file
 
+    from ..layout import keeps_float32
     from .fp8 import weight_quant
 
     src, dst = Path(src), Path(dst)
@@ -128,6 +149,7 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, shard_bytes: int = 2 
         raise EdgeDSError(f"{src / 'config.json'}: cannot read ({e})") from None
     if cfg.get("quantization") or cfg.get("quantization_config"):
         raise EdgeDSError(f"{src / 'config.json'}: already quantized; the FP8 build is written from float weights")
+    scale_fmt = _scale_fmt(cfg, scale_fmt)
     ckpt = TorchCheckpoint(src)
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,8 +161,11 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, shard_bytes: int = 2 
         for i, name in enumerate(names):
             t = ckpt.read(name)
             if is_fp8_target(name, tuple(t.shape)):
-                out = dict(zip((name, name + "_scale_inv"), weight_quant(t, name)))
-            elif name.endswith("e_score_correction_bias"):
+                q, s = weight_quant(t, name, scale_fmt)
+                out = {name: q, name + "_scale_inv": s.to(torch.float8_e8m0fnu) if scale_fmt == "ue8m0" else s}
+            elif not t.is_floating_point():
+                out = {name: t}
+            elif name.endswith("e_score_correction_bias") or keeps_float32(name):
                 out = {name: t.to(torch.float32)}
             else:
                 out = {name: t.to(torch.bfloat16)}
@@ -160,7 +185,8 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, shard_bytes: int = 2 
         (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))},
                                             indent=1))
         cfg = {k: v for k, v in cfg.items() if k not in ("quantization", "quantization_config")}
-        cfg.update(quantization_config=FP8_CONFIG, torch_dtype="bfloat16")
+        cfg.update(quantization_config=dict(FP8_CONFIG, scale_fmt=scale_fmt) if scale_fmt else FP8_CONFIG,
+                   torch_dtype="bfloat16")
         cfg.pop("dtype", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for name in COMPANIONS:
