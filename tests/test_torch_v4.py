@@ -139,6 +139,58 @@ def test_bfloat16_router_scores_in_float32(v4):
     assert np.isfinite(lm(TOKENS[:1, :12])).all()
 
 
+def deepseek_gate(scoring: str, scale: float, renormalise: bool | None = None):
+    """DeepSeek's V4 Gate.forward (inference/model.py), as a forward for transformers' routers:
+    float32 scores, choice by score + bias or tid2eid, weights from the unbiased scores, divided
+    by their sum unless the scoring is softmax (renormalise=True: always, transformers' rule),
+    times the scale."""
+    renormalise = scoring != "softmax" if renormalise is None else renormalise
+
+    def forward(self, hidden, input_ids=None):
+        logits = hidden.reshape(-1, hidden.shape[-1]).float() @ self.weight.float().T
+        scores = {"softmax": lambda x: x.softmax(-1), "sigmoid": torch.sigmoid,
+                  "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt()}[scoring](logits)
+        if input_ids is not None:
+            idx = self.tid2eid[input_ids.reshape(-1)].long()
+        else:
+            idx = (scores + self.e_score_correction_bias.float()).topk(self.top_k, dim=-1)[1]
+        w = scores.gather(1, idx)
+        if renormalise:
+            w = w / w.sum(-1, keepdim=True)
+        return logits, w * scale, idx
+    return forward
+
+
+def test_softmax_scored_v4_follows_deepseeks_gate(v4, tmp_path, monkeypatch):
+    """scoring_func softmax (no V4 release uses it; transformers' V4 cannot even build it): the
+    chosen softmax scores are not renormalised in DeepSeek's gate. Oracle: transformers' model
+    with DeepSeek's gate written here in place of its routers."""
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
+
+    model, d = v4["a"]
+    soft = tmp_path / "softmax"
+    shutil.copytree(d, soft)
+    cfg = json.loads((soft / "config.json").read_text())
+    (soft / "config.json").write_text(json.dumps(dict(cfg, scoring_func="softmax")))
+    lm = torch_backend.load(soft, device="cpu", dtype="float32")
+    assert "no renormalisation" in lm.router_fix
+    got = lm(TOKENS)
+    as_saved = logits(model, TOKENS)  # transformers' own routers, sqrtsoftplus
+
+    def run(*gate) -> np.ndarray:
+        monkeypatch.setattr(hf.DeepseekV4TopKRouter, "forward", deepseek_gate(*gate))
+        monkeypatch.setattr(hf.DeepseekV4HashRouter, "forward", deepseek_gate(*gate))
+        return logits(model, TOKENS)
+
+    scale = model.config.routed_scaling_factor
+    assert np.abs(run(model.config.scoring_func, scale) - as_saved).max() < 1e-5  # the gate here is transformers' there
+    want = run("softmax", scale)
+    err = np.abs(got - want).max()
+    print(f"\nV4 softmax gate: torch backend vs DeepSeek's gate {err:.2e}, vs renormalised "
+          f"{np.abs(got - run('softmax', scale, True)).max():.2e}")
+    assert err < 1e-4 and np.abs(run("softmax", scale, True) - want).max() > 1e-3
+
+
 def test_official_layout_and_packed_fp4_refused(v4, tmp_path):
     """DeepSeek's release layout: one message naming the transformers-format checkpoint."""
     from safetensors.torch import save_file

@@ -154,8 +154,8 @@ def router_fix_needed(cfg: ModelConfig) -> str | None:
     """Why transformers' router would not compute what config.json says (None: it would).
     Its V2 router never renormalises (norm_topk_prob); its V3 router always scores with a
     sigmoid, adds the correction bias and limits groups (scoring_func, topk_method)."""
-    if cfg.model_type == "deepseek_v4":
-        return "float32 scores"  # its routers score in the activation dtype; DeepSeek's gate in float32
+    if cfg.model_type == "deepseek_v4":  # its routers score in the activation dtype (DeepSeek's gate: float32)
+        return "float32 scores" + (", no renormalisation after softmax" if cfg.scoring_func == "softmax" else "")
     if cfg.model_type == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
         return "norm_topk_prob"
     if cfg.model_type != "deepseek_v2" and (cfg.scoring_func != "sigmoid" or cfg.topk_method != "noaux_tc"):
@@ -205,11 +205,12 @@ def _config_router(cfg: ModelConfig, has_bias: bool) -> Any:
 def _v4_router(cfg: ModelConfig, hashed: bool) -> Any:
     """DeepSeek-V4's gate with the call of transformers' V4 routers: hidden [..., H] (and, for a
     hash layer, input_ids) -> (router logits [N, E], weights [N, k], expert indices [N, k]).
-    Logits and scores in float32 whatever the activation dtype (transformers' routers compute
-    them in the activation dtype): sqrtsoftplus, sigmoid or softmax; a top-k layer chooses by
-    score + e_score_correction_bias, a hash layer takes the token's row of tid2eid; weights are
-    the chosen scores over their sum (+1e-20) times routed_scaling_factor (as
-    edge_ds/models/deepseek_v4.py's Router)."""
+    DeepSeek's V4 Gate (inference/model.py): logits and scores in float32 whatever the activation
+    dtype (transformers' routers compute them in the activation dtype): sqrtsoftplus, sigmoid or
+    softmax; a top-k layer chooses by score + e_score_correction_bias, a hash layer takes the
+    token's row of tid2eid; weights are the chosen scores, over their sum unless the scoring is
+    softmax (transformers' routers, and edge_ds/models/deepseek_v4.py's Router, always
+    renormalise), times routed_scaling_factor."""
     import torch
     from torch import nn
 
@@ -235,7 +236,8 @@ def _v4_router(cfg: ModelConfig, hashed: bool) -> Any:
             else:
                 indices = (scores + self.e_score_correction_bias.float()).topk(cfg.num_experts_per_tok, dim=-1)[1]
             weights = scores.gather(1, indices)
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            if cfg.scoring_func != "softmax":
+                weights = weights / weights.sum(dim=-1, keepdim=True)
             return logits, weights * cfg.routed_scaling_factor, indices
 
     return V4Router()
@@ -252,6 +254,10 @@ def _hf_config(raw: dict, source: Path) -> Any:
                           f"(this one is {transformers.__version__})")
     d = {k: v for k, v in raw.items() if k not in ("quantization_config", "quantization", "auto_map", "architectures")}
     d["model_type"] = cls.model_type
+    if raw["model_type"] == "deepseek_v4" and d.get("scoring_func") == "softmax":
+        # transformers' V4 routers have no softmax (ACT2FN lacks it); edge-ds's gate replaces them
+        # and reads scoring_func from config.json itself.
+        d["scoring_func"] = "sqrtsoftplus"
     return cls(**d)
 
 
