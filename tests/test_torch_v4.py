@@ -442,3 +442,25 @@ def test_parity_torch_reference_vs_mlx_v4(tmp_path):
           f"top-1 {cand['top1_agreement']:.2%}")
     assert out["reference_backend"] == "torch" and cand["backend"] == "mlx"
     assert cand["kl_max"] < 1e-8 and cand["top1_agreement"] == 1.0
+
+
+def test_fp8_build_runs_without_ml_dtypes_or_mlx(fp8_v4, tmp_path):
+    """A GPU image without MLX or ml_dtypes: safetensors' own reader (E8M0 scales as torch's
+    float8_e8m0fnu), gemm fp8, the same logits as in this process."""
+    import subprocess
+    import sys
+
+    _, _, dst, _ = fp8_v4
+    toks = TOKENS[:1, :16]
+    np.save(tmp_path / "tokens.npy", toks)
+    code = ("import sys; sys.modules['ml_dtypes'] = None; sys.modules['mlx'] = None\n"
+            "import numpy as np, torch; torch.set_num_threads(1)\n"
+            "from edge_ds.backends import torch as tb\n"
+            "lm = tb.load(sys.argv[1], device='cpu', gemm='fp8', dtype='float32')\n"
+            "np.save(sys.argv[2], lm(np.load(sys.argv[3])))\n"
+            "assert not [m for m in sys.modules if m.startswith(('mlx', 'ml_dtypes')) and sys.modules[m]]")
+    out = tmp_path / "logits.npy"
+    r = subprocess.run([sys.executable, "-c", code, str(dst), str(out), str(tmp_path / "tokens.npy")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(out), torch_backend.load(dst, device="cpu", gemm="fp8", dtype="float32")(toks))
