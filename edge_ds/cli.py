@@ -352,7 +352,7 @@ def chat(model_dir, system, sampling, experts, backend):
 @click.option("--max-queue", default=Limits.max_queued, show_default=True, type=click.IntRange(1), metavar="N",
               help="Generation requests queued or running; more are answered 429 with Retry-After.")
 @click.option("--max-concurrency", default=1, show_default=True, type=click.IntRange(1), metavar="N",
-              help="Decode up to N requests together as one batch (MLX backend, MLA models); more wait. "
+              help="Decode up to N requests together as one batch (MLX or ONNX; DeepSeek-V4 queues); more wait. "
                    "1: one at a time, with the prompt cache kept between requests.")
 @click.option("--api-key", envvar="EDGE_DS_API_KEY", default=None, metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health (401 otherwise). "

@@ -9,15 +9,17 @@ Under load: one loop thread (the one in serve_forever) accepts connections and r
 request, headers and body, without blocking (selectors), so a connection that stalls holds a
 socket and its buffer but no thread, and is closed when its read time runs out. It answers
 GET /health itself, so /health never waits for a thread or the model. A complete request goes to
-a bounded pool of handler threads; generations run one at a time, in arrival order, on one model
-thread (a model holds one cache, and MLX is best driven from one thread). Every bound (open
+a bounded pool of handler threads; generations run on one model thread (MLX is best driven from
+one thread): one at a time in arrival order, or with max_concurrency N up to N decoding as one batch
+(batching.py). Every bound (open
 connections, handler threads, queued generations, read and idle time) is a field of `Limits`;
 past a bound the server answers 503 or 429 with Retry-After instead of resetting or hanging.
 The server keeps one prompt cache, so a request that extends the previous one (the next turn of
 a chat) prefills only the new tokens.
 
 Chat requests may carry tools (rendered by the model's chat template; the model's tool-call output
-is parsed by tool_calls.py into OpenAI tool_calls) and both endpoints logprobs (the model's
+is parsed by tool_calls.py into OpenAI tool_calls, streamed as argument deltas), a chat answer's
+<think> part is sent as reasoning_content (reasoning.py), and both endpoints give logprobs (the model's
 distribution, computed only for requests that ask). With an API key every request but /health must
 carry it (`Authorization: Bearer`), compared in constant time.
 """
@@ -1379,7 +1381,7 @@ def make_server(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8080, mo
 
     api_key: when given, every request but /health must carry `Authorization: Bearer <api_key>`
     (else 401, OpenAI's invalid_api_key error). max_concurrency > 1 decodes that many requests as one
-    batch where the model allows it (batching.supported; the MLX backend, MLA latent caches), with
+    batch where the model allows it (batching.supported: MLX latent caches, V3.2 too; ONNX exports), with
     no prompt cache kept between requests; 1 runs them one at a time.
     model_id: the name /v1/models lists (default: the model directory's name); requests may name
     any model, the loaded one answers. prompt_cache=False prefills every prompt from scratch.
