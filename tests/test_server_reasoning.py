@@ -71,21 +71,32 @@ TEMPLATES = {
 }
 
 
-@pytest.fixture(params=list(TEMPLATES))
-def scripted(request, tokenizer_json, tmp_path):  # noqa: F811
-    shutil.copy(tokenizer_json, tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATES[request.param]}), encoding="utf-8")
-    tok = Tokenizer.load(tmp_path)
-    backend = ScriptedBackend(tok.vocab_size, tok.eos_ids[0])
-    srv = make_server(LanguageModel(backend, tok, tmp_path), "127.0.0.1", 0, quiet=True, prompt_cache=False)
-    srv.start()
-    yield request.param, srv, lambda text: setattr(backend, "script", tok.encode(text, add_bos=False))
-    srv.close()
+@pytest.fixture
+def serve(tokenizer_json, tmp_path):  # noqa: F811
+    """serve(template name) -> (server, say): a scripted model behind that chat template."""
+    servers = []
+
+    def start(kind: str):
+        d = tmp_path / kind
+        d.mkdir()
+        shutil.copy(tokenizer_json, d / "tokenizer.json")
+        (d / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATES[kind]}), encoding="utf-8")
+        tok = Tokenizer.load(d)
+        backend = ScriptedBackend(tok.vocab_size, tok.eos_ids[0])
+        srv = make_server(LanguageModel(backend, tok, d), "127.0.0.1", 0, quiet=True, prompt_cache=False)
+        srv.start()
+        servers.append(srv)
+        return srv, lambda text: setattr(backend, "script", tok.encode(text, add_bos=False))
+
+    yield start
+    for srv in servers:
+        srv.close()
 
 
-def test_reasoning_content_whole_and_streamed(scripted):
-    kind, srv, say = scripted
+@pytest.mark.parametrize("kind", list(TEMPLATES))
+def test_reasoning_content_whole_and_streamed(serve, kind):
+    srv, say = serve(kind)
     opened = kind != "plain"
     say((THOUGHT if opened else f"<think>{THOUGHT}") + "</think>\n\n" + ANSWER)
     status, out = post(srv, {"messages": USER, "max_tokens": 200})
@@ -100,20 +111,16 @@ def test_reasoning_content_whole_and_streamed(scripted):
     assert all("reasoning_content" not in d for d in deltas[first_content:])
 
 
-def test_no_think_block_no_reasoning_content(scripted):
-    kind, srv, say = scripted
-    if kind != "plain":
-        pytest.skip("the template opens a think block")
+def test_no_think_block_no_reasoning_content(serve):
+    srv, say = serve("plain")
     say(ANSWER)
     status, out = post(srv, {"messages": USER, "max_tokens": 50})
     assert out["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
 
 
-def test_a_tool_call_after_the_reasoning(scripted):
+def test_a_tool_call_after_the_reasoning(serve):
     """V3.1 thinking: reasoning, then the call; the call's markers never reach reasoning_content."""
-    kind, srv, say = scripted
-    if kind != "v3.1-thinking":
-        pytest.skip("a template with tools")
+    srv, say = serve("v3.1-thinking")
     say(f"{THOUGHT}</think>{V31}")
     for stream in (False, True):
         status, out = post(srv, {"messages": USER, "tools": TOOLS, "max_tokens": 300, "stream": stream})
