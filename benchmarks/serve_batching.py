@@ -111,7 +111,8 @@ def main() -> None:
             p, url = start(args.model, args.backend, concurrency)
             try:
                 run(url, 1, 4)  # warm-up
-                runs = sorted((run(url, clients, args.max_tokens) for _ in range(args.repeat)), key=lambda r: r["tok_s"])
+                runs = sorted((run(url, clients, args.max_tokens) for _ in range(args.repeat)),
+                              key=lambda r: r["tok_s"])
                 row = {"mode": mode, "backend": args.backend, **runs[len(runs) // 2],
                        "tok_s_runs": [r["tok_s"] for r in runs]}
             finally:

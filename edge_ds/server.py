@@ -585,7 +585,7 @@ class Handler(BaseHTTPRequestHandler):
             fmt = lm.tokenizer.tool_format
             if fmt is None:
                 raise RequestError("'tools': this model writes no tool-call format that edge-ds reads (it reads "
-                                   "DeepSeek V3/R1/V3.1's and Kimi-K2's, found from the chat template and "
+                                   "DeepSeek V3/R1/V3.1/V3.2/V4's and Kimi-K2's, found from the chat template and "
                                    "vocabulary)", "tools")
             if not lm.tokenizer.renders_tools:
                 raise RequestError("'tools': this model's chat template does not render tools (it reads no "

@@ -217,7 +217,8 @@ class DSMLFormat(ToolFormat):
             if end < 0 or m.group(1) in names:
                 break
             names.add(m.group(1))
-            members.append(f"{json.dumps(m.group(1), ensure_ascii=False)}: {self._value(body[m.end():end], m.group(2))}")
+            value = self._value(body[m.end():end], m.group(2))
+            members.append(f"{json.dumps(m.group(1), ensure_ascii=False)}: {value}")
             pos = end + len(self._param_end)
         return members, names, pos
 
