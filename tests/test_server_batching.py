@@ -155,6 +155,27 @@ def test_chat_stop_strings_and_logprobs_in_a_batch(served):
             assert abs(e["logprob"] - w.logprob) < tol
 
 
+def test_reasoning_content_in_a_batch():
+    """A template that opens a think block: the batched worker splits the answer like the queued one
+    (the shipped model never closes it, so all of its answer is reasoning)."""
+    lm = edge_ds.load(backend="mlx")  # its own: the chat template is changed
+    lm.tokenizer.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}<think>"
+    lm.tokenizer._compiled = None
+    want = lm.generate([{"role": "user", "content": PROMPTS[0]}], max_tokens=12).text
+    srv = make_server(lm, "127.0.0.1", 0, quiet=True, max_concurrency=2)
+    srv.start()
+    try:
+        body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 12, "temperature": 0}
+        out = together([lambda: post(srv, "/v1/chat/completions", body),
+                        lambda: post(srv, "/v1/chat/completions", {**body, "stream": True})])
+        assert out[0]["choices"][0]["message"] == {"role": "assistant", "content": "", "reasoning_content": want}
+        deltas = [c["choices"][0]["delta"] for c in out[1]]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == want
+        assert not "".join(d.get("content") or "" for d in deltas)
+    finally:
+        srv.close()
+
+
 def test_more_requests_than_rows_wait_their_turn(served):
     server, lm = served
     want = [lm.generate(p, max_tokens=12, chat_template=False).text for p in PROMPTS]
