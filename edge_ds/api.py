@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-import mlx.core as mx
 import numpy as np
 
+from .arrays import library
 from .backend import Backend, ExpertOptions
 from .backends import choose, open_backend
-from .cache import PromptCache
 from .config import ModelConfig
 from .errors import ContextLengthError, EdgeDSError, OptionError
 from .generate import GenerationStats, TokenLogprob, generate_tokens, stop_string_hold
@@ -22,6 +22,9 @@ from .options import SamplingOptions, is_int, require
 from .resources import default_model_path
 from .sampling import Sampler, make_sampler, seed as set_seed
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .cache import PromptCache
 
 Prompt = str | list[dict] | list[int]
 
@@ -33,7 +36,7 @@ class _ThreadStreams:
 
     def __del__(self) -> None:
         try:
-            mx.clear_streams()
+            sys.modules["mlx.core"].clear_streams()
         except Exception:
             pass
 
@@ -42,8 +45,10 @@ _thread_state = threading.local()
 
 
 def _on_mlx_thread() -> None:
-    """Called before model work: a worker thread (a desktop app's, a server's) cleans up after itself."""
-    if threading.current_thread() is not threading.main_thread() and not hasattr(_thread_state, "streams"):
+    """Called before model work: a worker thread (a desktop app's, a server's) cleans up after itself
+    (where MLX is in use at all: a process without it has no streams to free)."""
+    if ("mlx.core" in sys.modules and threading.current_thread() is not threading.main_thread()
+            and not hasattr(_thread_state, "streams")):
         _thread_state.streams = _ThreadStreams()
 
 
@@ -168,8 +173,9 @@ class LanguageModel:
             raise EdgeDSError(f"token_ids must be integers shaped [batch, seq], got shape {tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise EdgeDSError(f"token_ids must be in [0, {self.config.vocab_size})")
-        out = self.backend(mx.array(tokens.astype(np.int32)))
-        return np.array(out.astype(mx.float32))
+        xp = library(self.backend)
+        out = self.backend(xp.array(tokens.astype(np.int32)))
+        return np.array(out.astype(xp.float32))
 
     def check_ids(self, ids: list[int]) -> list[int]:
         """ids, unless one is outside the model's vocabulary: the model would read past its

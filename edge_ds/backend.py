@@ -11,6 +11,10 @@ name) and offers:
         whether `directory` holds this backend's own export (it is then the default off Apple
         Silicon, see backends.default_backend)
 
+A Backend object may also say `arrays = "numpy"`: its __call__ takes and returns numpy arrays,
+and the generation loop, sampling and perplexity then run in numpy (arrays.py), so it runs where
+MLX is not installed. Without it, MLX arrays.
+
 Nothing else in the runtime names a backend, so adding one is adding a module.
 """
 
@@ -18,12 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import mlx.core as mx
-
-from .cache import PromptCache
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .cache import PromptCache
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,10 @@ class Backend(Protocol):
     device: str  # where it computes, in words (bench reports it)
     experts: Any  # the lazy expert cache (experts.ExpertCache), or None when every expert is resident
 
-    def __call__(self, tokens: mx.array, cache: PromptCache | None = None) -> mx.array:
-        """int token ids [B, L] -> float logits [B, L, V]. With a cache, the new tokens follow what
-        it holds and are appended to it; only the last position's logits need be right."""
+    def __call__(self, tokens: Any, cache: PromptCache | None = None) -> Any:
+        """int token ids [B, L] -> float logits [B, L, V], arrays of the backend's `arrays` library.
+        With a cache, the new tokens follow what it holds and are appended to it; only the last
+        position's logits need be right."""
 
     def make_cache(self) -> PromptCache:
         """An empty cache for one sequence."""

@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import mlx.core as mx
 import numpy as np
 
-from .backend import Backend
-from .cache import PromptCache
+from .arrays import evaluate, library
 from .errors import ContextLengthError, EdgeDSError
 from .sampling import Sampler, apply_repetition_penalty
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .cache import PromptCache
 
 PREFILL_STEP = 512
 
@@ -66,9 +68,9 @@ def token_logprob(token: int, logits: np.ndarray, k: int) -> TokenLogprob:
 
 
 def generate_tokens(
-    model: Backend,
+    model: "Backend",
     prompt: list[int],
-    cache: PromptCache,
+    cache: "PromptCache",
     sampler: Sampler,
     max_tokens: int,
     stats: GenerationStats,
@@ -103,11 +105,12 @@ def generate_tokens(
     want_logprobs = logprobs is not None
     if want_logprobs and logprobs_out is None:
         raise EdgeDSError("generate_tokens: logprobs needs a logprobs_out list")
-    pending: tuple[mx.array, ...] = ()  # with logprobs: the logits row of the step in flight
+    xp = library(model)  # the array library the backend computes in (arrays.py)
+    pending: tuple[Any, ...] = ()  # with logprobs: the logits row of the step in flight
 
-    def step(tokens: list[int]) -> mx.array:
+    def step(tokens: list[int]) -> Any:
         nonlocal pending
-        logits = model(mx.array([tokens]), cache=cache)[:, -1, :]
+        logits = model(xp.array([tokens], dtype=xp.int32), cache=cache)[:, -1, :]
         cache.tokens.extend(tokens)
         if repetition_penalty and repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, history, repetition_penalty, repetition_context)
@@ -115,17 +118,17 @@ def generate_tokens(
         # measurable share of a fast decode step (README, ONNX export).
         token = sampler(logits)
         if want_logprobs:
-            pending = (logits[0].astype(mx.float32),)
+            pending = (logits[0].astype(xp.float32),)
         return token
 
     # Prefill in chunks so activations stay bounded on long prompts.
     while len(todo) > prefill_step:
-        model(mx.array([todo[:prefill_step]]), cache=cache)
-        mx.eval([c.state for c in cache])
+        model(xp.array([todo[:prefill_step]], dtype=xp.int32), cache=cache)
+        evaluate(xp, [c.state for c in cache])
         cache.tokens.extend(todo[:prefill_step])
         todo = todo[prefill_step:]
     token = step(todo)
-    mx.eval(token, *pending)
+    evaluate(xp, token, *pending)
     first = time.perf_counter()
     stats.prompt_tps = len(prompt[reused:]) / max(first - start, 1e-9)
 
@@ -139,7 +142,7 @@ def generate_tokens(
             # Queue the next step before handing this token out, so the model runs while the
             # caller detokenizes and prints (and the logprobs below are computed).
             token = step([t])
-            mx.async_eval(token, *pending)
+            evaluate(xp, token, *pending, wait=False)
         if row is not None:
             logprobs_out.append(token_logprob(t, row, logprobs))
         stats.generation_tokens = n

@@ -11,11 +11,21 @@ from .backends import why_default
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import EdgeDSError
-from .loading import compute_dtype
 
 FAMILIES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "kimi_k2": "Kimi-K2",
             "deepseek_v32": "DeepSeek-V3.2", "deepseek_v4": "DeepSeek-V4"}
 CACHE_CONTEXTS = (4096, 65536, 1 << 20)  # the contexts `info` prices the prompt cache at
+
+
+def _cache_dtype() -> tuple[str, int]:
+    """(name, bytes) of the MLX runtime's compute dtype, which its caches hold; float32 on a
+    machine without MLX (the torch backend's reference runs)."""
+    try:
+        from .loading import compute_dtype
+    except ImportError:
+        return "float32", 4
+    dtype = compute_dtype()
+    return str(dtype).replace("mlx.core.", ""), dtype.size
 
 
 def model_info(directory: str | Path) -> dict:
@@ -34,7 +44,7 @@ def model_info(directory: str | Path) -> dict:
         raise EdgeDSError(f"{directory}: no model weights ({layout.WEIGHTS_GLOB} or {layout.ONNX_MANIFEST})")
     E, k = cfg.n_routed_experts or 1, cfg.num_experts_per_tok
     active = total - routed + routed * k // E
-    dtype = compute_dtype()
+    dtype_name, dtype_size = _cache_dtype()
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     return {
         "path": str(directory),
@@ -56,9 +66,9 @@ def model_info(directory: str | Path) -> dict:
         "size_on_disk_bytes": size,
         # The long-context average: exact for a latent cache (linear); V4's window and open windows
         # weigh nothing at 1M tokens.
-        "cache_bytes_per_token": cfg.cache_bytes(CACHE_CONTEXTS[-1], dtype.size) // CACHE_CONTEXTS[-1],
-        "cache_bytes_at": {n: cfg.cache_bytes(n, dtype.size) for n in CACHE_CONTEXTS},
-        "cache_dtype": str(dtype).replace("mlx.core.", ""),
+        "cache_bytes_per_token": cfg.cache_bytes(CACHE_CONTEXTS[-1], dtype_size) // CACHE_CONTEXTS[-1],
+        "cache_bytes_at": {n: cfg.cache_bytes(n, dtype_size) for n in CACHE_CONTEXTS},
+        "cache_dtype": dtype_name,
         "backend": backend,
         "backend_reason": why,
         "max_position_embeddings": cfg.max_position_embeddings,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from types import ModuleType
+from typing import Any, Callable
 
-import mlx.core as mx
 import numpy as np
 
 from .api import LanguageModel
+from .arrays import library
 from .backend import Backend
 from .errors import OptionError
 
@@ -33,22 +34,31 @@ def window_nll(model: Backend, windows: list[list[int]], batch: int = 8,
                progress: Callable[[int, int, str], None] | None = None) -> tuple[float, int]:
     """Sum of -log p(token | window prefix) over all windows, and the count of predicted tokens;
     progress(windows done, windows in all, "") after each batch."""
+    xp = library(model)
     total, count, done = 0.0, 0, 0
     by_length: dict[int, list[list[int]]] = {}
     for w in windows:
         by_length.setdefault(len(w), []).append(w)
     for group in by_length.values():
         for i in range(0, len(group), batch):
-            tokens = mx.array(np.array(group[i:i + batch], dtype=np.int32))  # [B, T + 1]
-            logits = model(tokens[:, :-1]).astype(mx.float32)  # [B, T, V]
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            picked = mx.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)  # [B, T, 1]
+            tokens = xp.array(np.array(group[i:i + batch], dtype=np.int32))  # [B, T + 1]
+            logits = model(tokens[:, :-1]).astype(xp.float32)  # [B, T, V]
+            logprobs = logits - _logsumexp(xp, logits)
+            picked = xp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)  # [B, T, 1]
             total -= picked.sum().item()
             count += picked.size
             done += len(group[i:i + batch])
             if progress:
                 progress(done, len(windows), "")
     return total, count
+
+
+def _logsumexp(xp: ModuleType, x: Any) -> Any:
+    """log(sum(exp(x))) over the last axis, kept: [..., 1]."""
+    if xp is np:
+        m = x.max(axis=-1, keepdims=True)
+        return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    return xp.logsumexp(x, axis=-1, keepdims=True)
 
 
 def perplexity(lm: LanguageModel, text: str, window: int = 256, batch: int = 8,

@@ -97,7 +97,8 @@ def test_base_and_apps_stay_light():
 
 
 @pytest.mark.parametrize("module", ["converters.fp8", "edge_ds.config", "edge_ds.checkpoint", "edge_ds.layout",
-                                    "edge_ds.cli"])
+                                    "edge_ds.cli", "edge_ds.api", "edge_ds.generate", "edge_ds.perplexity",
+                                    "edge_ds.parity", "edge_ds.bench", "edge_ds.info"])
 def test_light_modules_do_not_load_mlx(module):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.')))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

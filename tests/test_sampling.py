@@ -190,3 +190,70 @@ def test_filters_are_shift_invariant():
         a, b = keep(logits), keep(logprobs)
         np.testing.assert_array_equal(np.isfinite(np.array(a)), np.isfinite(np.array(b)))
         np.testing.assert_array_equal(np.array(mx.argmax(a, axis=-1)), np.array(mx.argmax(b, axis=-1)))
+
+
+# numpy logits (a backend that computes in numpy, e.g. torch on a machine without MLX): the same
+# filters, checked against a direct reading of each definition, and numpy's own draws.
+def _kept_by_definition(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
+    """Row by row, in float64: the k largest, then the smallest most-likely set reaching top_p of
+    what is left, then p >= min_p * p_max among what is left."""
+    keep = np.ones(logits.shape, bool)
+    for r, row in enumerate(logits.astype(np.float64)):
+        alive = np.ones(row.shape, bool)
+        if top_k:
+            alive[np.argsort(-row)[top_k:]] = False
+        if top_p < 1.0:
+            p = np.where(alive, np.exp(row - row[alive].max()), 0.0)
+            p /= p.sum()
+            order = np.argsort(-p)
+            before = np.cumsum(p[order]) - p[order]
+            alive[order[before >= top_p]] = False
+        if min_p > 0.0:
+            p = np.where(alive, np.exp(row - row[alive].max()), 0.0)
+            alive &= p >= min_p * p.max()
+        keep[r] = alive
+    return keep
+
+
+@pytest.mark.parametrize("library", ["numpy", "mlx"])
+@pytest.mark.parametrize("filters", [{"top_k": 20}, {"top_p": 0.8}, {"min_p": 0.05},
+                                     {"top_k": 50, "top_p": 0.9, "min_p": 0.02}])
+def test_filters_keep_what_their_definition_keeps(library, filters):
+    from edge_ds.sampling import _min_p, _top_k, _top_p
+
+    logits = np.random.default_rng(3).normal(0, 2, (6, 400)).astype(np.float32)
+    x = logits if library == "numpy" else mx.array(logits)
+    if filters.get("top_k"):
+        x = _top_k(x, filters["top_k"])
+    if filters.get("top_p"):
+        x = _top_p(x, filters["top_p"], 1)
+    if filters.get("min_p"):
+        x = _min_p(x, filters["min_p"], 1)
+    assert isinstance(x, np.ndarray) == (library == "numpy")
+    np.testing.assert_array_equal(np.isfinite(np.array(x)), _kept_by_definition(logits, **filters))
+
+
+def test_numpy_logits_are_sampled_in_numpy():
+    probs = np.array([0.5, 0.25, 0.15, 0.1])
+    target = probs ** 2 / (probs ** 2).sum()  # temperature 0.5
+    rows = np.broadcast_to(np.log(probs).astype(np.float32), (20000, 4))
+    seed(8)
+    out = make_sampler(temperature=0.5)(rows)
+    assert isinstance(out, np.ndarray) and out.shape == (20000,)
+    assert np.abs(np.bincount(out, minlength=4) / len(out) - target).max() < 0.02
+    seed(5)
+    a = make_sampler(temperature=1.0, top_p=0.9)(rows[:50])
+    seed(5)
+    b = make_sampler(temperature=1.0, top_p=0.9)(rows[:50])
+    np.testing.assert_array_equal(a, b)
+    assert make_sampler(0.0)(rows[:2]).tolist() == [0, 0]
+
+
+def test_repetition_penalty_on_numpy_logits():
+    logits = np.array([[2.0, -1.0, 0.5, -3.0, 1.0]], np.float32)
+    out = apply_repetition_penalty(logits, [0, 1, 1, 3], penalty=2.0)
+    assert isinstance(out, np.ndarray) and out.tolist() == [[1.0, -2.0, 0.5, -6.0, 1.0]]
+    assert logits.tolist() == [[2.0, -1.0, 0.5, -3.0, 1.0]]  # the caller's array is left as it was
+    batch = np.concatenate([logits, logits])
+    out = apply_repetition_penalty(batch, np.array([[0], [3]]), penalty=2.0)
+    assert out.tolist() == [[1.0, -1.0, 0.5, -3.0, 1.0], [2.0, -1.0, 0.5, -6.0, 1.0]]

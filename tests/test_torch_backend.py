@@ -123,6 +123,46 @@ def test_api_load_and_generate(tiny, tmp_path):
         edge_ds.load(model_dir, backend="mlx", device="cpu")
 
 
+def test_load_generate_perplexity_and_parity_without_mlx(tmp_path):
+    """A CUDA server's image has no MLX: edge_ds.load(backend="torch"), greedy generation,
+    sampling, perplexity and `edge-ds parity` run there, in numpy (arrays.py), and never import
+    MLX. Greedy tokens against transformers' own argmax, step by step."""
+    model = condition(make_hf_model("v3", seed=3, vocab_size=4096))  # the shipped tokenizer's vocabulary
+    model_dir = save_hf(model, tmp_path / "with_tokenizer")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(ROOT / "Package.resources" / "edge-ds-tiny" / name, model_dir / name)
+    text = (ROOT / "Package.resources" / "edge-ds-tiny" / "recipe" / "data" / "validation.txt").read_text()[:2000]
+    (tmp_path / "text.txt").write_text(text)
+    code = ("import sys, json; sys.modules['mlx'] = None\n"
+            "import torch; torch.set_num_threads(1)\n"
+            "import edge_ds\n"
+            "from edge_ds.perplexity import perplexity\n"
+            "lm = edge_ds.load(sys.argv[1], backend='torch', device='cpu', dtype='float32')\n"
+            "greedy = lm.generate([1, 5, 9], max_tokens=8, chat_template=False).tokens\n"
+            "a = lm.generate([1, 5, 9], max_tokens=8, chat_template=False, temperature=0.9, top_p=0.9, seed=4).tokens\n"
+            "b = lm.generate([1, 5, 9], max_tokens=8, chat_template=False, temperature=0.9, top_p=0.9, seed=4).tokens\n"
+            "ppl = perplexity(lm, open(sys.argv[2]).read(), 64).perplexity\n"
+            "from edge_ds.cli import main\n"
+            "try:\n"
+            "    main(['parity', 'torch,dtype=float32:' + sys.argv[1], 'torch,gemm=bf16,dtype=bfloat16:' + sys.argv[1],\n"
+            "          '--text', sys.argv[2], '--windows', '1', '--window', '32', '--json'])\n"
+            "except SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "print(json.dumps({'greedy': greedy, 'same_seed': a == b, 'ppl': ppl,\n"
+            "                  'mlx': [m for m in sys.modules if m.startswith('mlx') and sys.modules[m]]}))")
+    r = subprocess.run([sys.executable, "-c", code, str(model_dir), str(tmp_path / "text.txt")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    parity_json, result = r.stdout[: r.stdout.rindex("\n{")], json.loads(r.stdout.splitlines()[-1])
+    assert result["mlx"] == [] and result["same_seed"] and math.isfinite(result["ppl"])
+    ids = [1, 5, 9]
+    for token in result["greedy"]:
+        assert token == int(np.argmax(hf_logits(model, np.array([ids]))[0, -1]))
+        ids.append(token)
+    report = json.loads(parity_json)
+    assert report["candidates"][0]["backend"] == "torch" and report["tokens"] == 32
+
+
 @pytest.mark.parametrize("kind,overrides", [
     ("v2lite", dict(norm_topk_prob=True)),  # transformers' V2 router never renormalises
     ("v2grouped", dict(norm_topk_prob=True)),

@@ -43,7 +43,13 @@ def why_default(directory: Path) -> tuple[str, str]:
     if apple_silicon():
         return DEFAULT, "Apple Silicon: Metal and unified memory"
     for name in names():
-        if name != DEFAULT and importlib.import_module(f"{__name__}.{name}").detect(directory):
+        if name == DEFAULT:
+            continue
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ImportError:  # its runtime is not installed here (MLX on a CUDA server, onnxruntime)
+            continue
+        if module.detect(directory):
             return name, f"the directory holds its {name} export, faster than MLX on this CPU"
     return DEFAULT, "no faster export in the directory"
 

@@ -266,6 +266,7 @@ class TorchModel:
     -> float32 logits [B, L, V] (the last position only while a cache is filled)."""
 
     name = "torch"
+    arrays = "numpy"  # the generation loop and sampling run in numpy: no MLX on a CUDA server (arrays.py)
     experts = None  # every expert is resident
 
     def __init__(self, directory: str | Path, device: str | None = None, gemm: str = "bf16",
@@ -494,8 +495,8 @@ class TorchModel:
         if isinstance(tokens, torch.Tensor):
             return logits
         out = logits.cpu().numpy()
-        # Another library's array type (MLX's, in the generation loop) rebuilt from numpy; its
-        # module is never imported here.
+        # Another library's array type (MLX's: a caller that hands MLX arrays) rebuilt from numpy;
+        # its module is never imported here.
         return out if isinstance(tokens, np.ndarray) else type(tokens)(out)
 
     def forward(self, ids: "torch.Tensor", cache: TorchCache | None = None, logits_to_keep: int = 0
