@@ -341,3 +341,25 @@ def test_a_batch_equals_its_sequences_run_alone(v4):
     both = np.array(model(mx.array(toks)))
     for b in range(2):
         np.testing.assert_allclose(both[b], np.array(model(mx.array(toks[b:b + 1])))[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid", "sqrtsoftplus"])
+def test_router_weights_follow_deepseeks_gate(scoring):
+    """DeepSeek's V4 gate (inference/model.py): weights are the chosen scores, renormalised to sum 1
+    unless the scores are a softmax, times route_scale. Computed here in numpy from the logits."""
+    from edge_ds.config import DeepseekV4Config
+    from edge_ds.models.deepseek_v4 import Router
+
+    cfg = DeepseekV4Config.from_dict({**STYLES["b"], "scoring_func": scoring, "model_type": "deepseek_v4"})
+    router = Router(cfg, hashed=False)
+    rng = np.random.default_rng(0)
+    router.weight = mx.array(rng.normal(0, 0.5, router.weight.shape).astype(np.float32))
+    x = rng.normal(0, 1, (5, cfg.hidden_size)).astype(np.float32)
+    indices, weights = router(mx.array(x))
+    logits = x.astype(np.float64) @ np.array(router.weight, np.float64).T
+    scores = {"softmax": np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), "sigmoid": 1 / (1 + np.exp(-logits)),
+              "sqrtsoftplus": np.sqrt(np.log1p(np.exp(logits)))}[scoring]
+    chosen = np.take_along_axis(scores, np.array(indices).astype(np.int64), -1)
+    assert np.array_equal(np.sort(np.array(indices), -1), np.sort(np.argsort(-scores, -1)[:, :cfg.num_experts_per_tok], -1))
+    want = (chosen if scoring == "softmax" else chosen / chosen.sum(-1, keepdims=True)) * cfg.routed_scaling_factor
+    np.testing.assert_allclose(np.array(weights), want, rtol=1e-5)

@@ -151,8 +151,8 @@ class HyperHead(nn.Module):
 class Router(nn.Module):
     """x [N, D] -> (indices [N, k], weights [N, k]). Scores are sqrt(softplus) (or softmax, sigmoid)
     of the logits; a top-k layer chooses by score + e_score_correction_bias, a hash layer takes the
-    token's row of tid2eid (set `tokens` first). Weights: the chosen scores, normalised, times
-    routed_scaling_factor."""
+    token's row of tid2eid (set `tokens` first). Weights: the chosen scores (normalised to sum 1
+    unless they are softmax scores, as DeepSeek's gate does), times routed_scaling_factor."""
 
     def __init__(self, cfg: DeepseekV4Config, hashed: bool):
         super().__init__()
@@ -182,7 +182,9 @@ class Router(nn.Module):
             choice = scores + self.e_score_correction_bias.astype(mx.float32)
             indices = mx.argpartition(-choice, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
         weights = mx.take_along_axis(scores, indices, axis=-1)
-        return indices, weights / (weights.sum(axis=-1, keepdims=True) + 1e-20) * self.scaling
+        if self.scoring != "softmax":  # DeepSeek's gate renormalises all but softmax scores
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        return indices, weights * self.scaling
 
 
 class V4MoE(MoE):
