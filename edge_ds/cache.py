@@ -92,7 +92,8 @@ class PromptCache:
 
     def rewind(self, n: int) -> None:
         """Forgets the last n tokens. A layer cache that cannot rewind exactly (DeepSeek-V4's pooled
-        windows) starts over instead; the tokens kept are then those the layers still hold."""
+        windows) goes back further (to where its last prefill ended, or to the start); the tokens
+        kept are then those the layers still hold."""
         n = min(n, self.offset)
         for c in self.layers:
             c.rewind(n)

@@ -179,20 +179,34 @@ def test_cache_holds_a_window_and_compressed_entries(v4):
     assert 0.2 < cfg.cache_bytes(65536, 4) / full_rows < 0.23
 
 
-def test_rewind_starts_over_and_prefix_reuse_recomputes(v4):
-    """A pooled window cannot be rewound token by token: rewinding empties the cache and the
-    prompt cache's tokens follow, so reuse_prefix asks for the whole prompt again."""
-    _, _, model = v4["a"]
-    toks = tokens(128, 30, seed=6)[0].tolist()
+@pytest.mark.parametrize("kind", sorted(STYLES))
+def test_rewind_goes_back_to_the_last_prefill(v4, kind):
+    """A pooled window cannot be rewound token by token: a rewind goes back to where the last
+    multi-token call left the cache (the tokens after it are recomputed), or empties it when it
+    must go back further; decoding on from there equals a full forward (an independent run)."""
+    _, _, model = v4[kind]
+    toks = tokens(128, 48, seed=6)[0].tolist()
     cache = model.make_cache()
-    model(mx.array([toks]), cache)
-    cache.tokens = list(toks)
-    assert cache.reuse_prefix(toks + [1, 2]) == 30  # nothing to rewind: all of it is reused
-    assert cache.reuse_prefix(toks[:20] + [5]) == 0
-    assert cache.offset == 0 and cache.tokens == []
+    model(mx.array([toks[:30]]), cache)  # a prompt: its end is remembered
+    for t in toks[30:42]:  # a reply, token by token
+        model(mx.array([[t]]), cache)
+    cache.tokens = list(toks[:42])
+    assert cache.reuse_prefix(toks[:42] + [1, 2]) == 42  # nothing to rewind: all of it is reused
+    assert cache.reuse_prefix(toks[:38] + [5]) == 30 and cache.tokens == toks[:30]  # back to the prefill's end
+    got = [np.array(model(mx.array([toks[30:38] + [5]]), cache))[0, -1]]  # 9 tokens: the new point, at 39
+    got += [np.array(model(mx.array([[t]]), cache))[0, -1] for t in toks[38:44]]
+    seq = toks[:38] + [5] + toks[38:44]
+    want = np.array(model(mx.array([seq])))[0, 38:]
+    np.testing.assert_allclose(np.stack(got), want, rtol=1e-5, atol=1e-5)
+    cache.tokens = list(seq)
+    assert cache.reuse_prefix(seq[:42] + [7]) == 39 and cache.tokens == seq[:39]
+    got = [np.array(model(mx.array([seq[39:42] + [7]]), cache))[0, -1]]
+    np.testing.assert_allclose(got[0], np.array(model(mx.array([seq[:42] + [7]])))[0, -1], rtol=1e-5, atol=1e-5)
+    cache.tokens = seq[:42] + [7]
+    # Before the last multi-token call's start (position 39): an empty cache.
+    assert cache.reuse_prefix(toks[:20] + [5]) == 0 and cache.offset == 0 and cache.tokens == []
     fresh = np.array(model(mx.array([toks[:20] + [5]]), cache))
-    again = np.array(model(mx.array([toks[:20] + [5]])))
-    np.testing.assert_allclose(fresh, again, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fresh, np.array(model(mx.array([toks[:20] + [5]]))), rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +259,13 @@ def test_api_generates_chats_and_traces_on_v4(v4_4bit, tmp_path):
     ref = lm.generate(prompt, max_tokens=24, chat_template=False)
     assert ref.stats.generation_tokens == 24
     chat = lm.chat()
-    replies = ["".join(chat.send(turn, max_tokens=8)) for turn in ("hello", "and again", "once more")]
+    streams, replies = [], []
+    for turn in ("hello", "and again", "once more"):
+        streams.append(chat.send(turn, max_tokens=8))
+        replies.append("".join(streams[-1]))
     assert len(replies) == 3 and len(chat.messages) == 6
+    # Later turns go back to where the previous prompt's prefill ended, not to the start.
+    assert all(0 < s.stats.prefilled_tokens < s.stats.prompt_tokens for s in streams[1:])
     lazy = edge_ds.load(v4_4bit, expert_budget="25%", trace=tmp_path / "t.jsonl")
     out = lazy.generate(prompt, max_tokens=24, chat_template=False)
     assert out.tokens == ref.tokens and lazy.expert_stats()["misses"] > 0

@@ -13,7 +13,11 @@ picks the `index_topk` entries each query attends to.
 The cache holds only what the model needs: the window's last sliding_window - 1 rows, the
 compressed entries (and the indexer's keys), the tokens of the window not yet closed, and for
 CSA the previous window's first series. It cannot be rewound token by token (a closed window
-is pooled away): a rewind empties it and the prompt is recomputed.
+is pooled away, the window's older rows are gone). So it remembers where the last multi-token
+call (a prompt's prefill) left it, by reference (entries are append-only, so their count is
+enough): a rewind to that point or past it goes back to it, and the tokens after it are
+recomputed (in a chat, the last reply, not the whole conversation); an earlier rewind empties it.
+Every rank of a parallel run makes the same calls, so their caches go back to the same point.
 """
 
 from __future__ import annotations
@@ -56,6 +60,14 @@ class V4LayerCache:
         self.window: mx.array | None = None
         self.pools = {name: PoolState() for name in pools}
         self.offset = 0
+        self.saved: tuple | None = None  # (offset, window, per pool: its four arrays and entry count)
+
+    def advance(self, n: int) -> None:
+        """The layer has taken n more tokens; after a multi-token call, remember this point."""
+        self.offset += n
+        if n > 1:
+            self.saved = (self.offset, self.window, {
+                name: (*(getattr(p, f) for f in self.FIELDS), p.entries.offset) for name, p in self.pools.items()})
 
     def update_window(self, new: mx.array) -> mx.array:
         """Appends rows [B, 1, L, hd]; returns the rows the new queries may see [B, 1, <= keep + L, hd]."""
@@ -64,10 +76,20 @@ class V4LayerCache:
         return rows
 
     def rewind(self, n: int) -> None:
-        """A pooled window cannot be taken apart: any rewind starts over from an empty cache
-        (cache.PromptCache then forgets all its tokens, and the prompt is recomputed)."""
-        if n > 0:
+        """Goes back to the point advance() remembered if that is no later than offset - n, else
+        starts over from an empty cache; either way it may hold fewer tokens than asked
+        (cache.PromptCache then forgets those, and they are recomputed)."""
+        if n <= 0:
+            return
+        if self.saved is None or self.saved[0] > self.offset - n:
             self.__init__(self.keep + 1, tuple(self.pools))
+            return
+        self.offset, self.window, pools = self.saved
+        for name, (*arrays, count) in pools.items():
+            pool = self.pools[name]
+            for f, a in zip(self.FIELDS, arrays):
+                setattr(pool, f, a)
+            pool.entries.rewind(pool.entries.offset - count)
 
     @property
     def state(self) -> mx.array | None:
@@ -99,6 +121,7 @@ class V4LayerCache:
             if f"{name}.entries" in arrays:
                 pool.entries.update_and_fetch(arrays[f"{name}.entries"])
         self.offset = offset
+        self.saved = None
 
     @property
     def nbytes(self) -> int:

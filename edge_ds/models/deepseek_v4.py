@@ -83,7 +83,7 @@ class Attention(nn.Module):
                 rows = mx.concatenate([rows, entries.astype(rows.dtype)], axis=2)
                 seen = mx.broadcast_to(seen, (B, *seen.shape[1:]))  # HCA's [1, L, T] serves every sequence
                 mask = mx.concatenate([mx.broadcast_to(mask, (B, 1, L, S)), seen[:, None]], axis=-1)
-        cache.offset += L
+        cache.advance(L)
 
         scores = mm(q, rows.swapaxes(-1, -2)).astype(mx.float32) * self.scale + mask  # [B, H, L, S']
         sinks = mx.broadcast_to(self.sinks.astype(mx.float32)[None, :, None, None], (B, self.H, L, 1))
