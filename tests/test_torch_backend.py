@@ -142,19 +142,24 @@ def test_load_generate_perplexity_and_parity_without_mlx(tmp_path):
             "a = lm.generate([1, 5, 9], max_tokens=8, chat_template=False, temperature=0.9, top_p=0.9, seed=4).tokens\n"
             "b = lm.generate([1, 5, 9], max_tokens=8, chat_template=False, temperature=0.9, top_p=0.9, seed=4).tokens\n"
             "ppl = perplexity(lm, open(sys.argv[2]).read(), 64).perplexity\n"
+            "try:\n"
+            "    edge_ds.load(sys.argv[1])  # the default backend, MLX, is not installed\n"
+            "except edge_ds.EdgeDSError as e:\n"
+            "    missing = str(e)\n"
             "from edge_ds.cli import main\n"
             "try:\n"
             "    main(['parity', 'torch,dtype=float32:' + sys.argv[1], 'torch,gemm=bf16,dtype=bfloat16:' + sys.argv[1],\n"
             "          '--text', sys.argv[2], '--windows', '1', '--window', '32', '--json'])\n"
             "except SystemExit as e:\n"
             "    assert e.code in (0, None), e.code\n"
-            "print(json.dumps({'greedy': greedy, 'same_seed': a == b, 'ppl': ppl,\n"
+            "print(json.dumps({'greedy': greedy, 'same_seed': a == b, 'ppl': ppl, 'missing': missing,\n"
             "                  'mlx': [m for m in sys.modules if m.startswith('mlx') and sys.modules[m]]}))")
     r = subprocess.run([sys.executable, "-c", code, str(model_dir), str(tmp_path / "text.txt")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     parity_json, result = r.stdout[: r.stdout.rindex("\n{")], json.loads(r.stdout.splitlines()[-1])
     assert result["mlx"] == [] and result["same_seed"] and math.isfinite(result["ppl"])
+    assert result["missing"].startswith("the mlx backend needs mlx, which is not installed here")
     ids = [1, 5, 9]
     for token in result["greedy"]:
         assert token == int(np.argmax(hf_logits(model, np.array([ids]))[0, -1]))

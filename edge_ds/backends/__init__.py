@@ -12,7 +12,7 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import OptionError
+from ..errors import EdgeDSError, OptionError
 
 if TYPE_CHECKING:
     from ..backend import Backend, ExpertOptions
@@ -70,7 +70,12 @@ def open_backend(name: str, directory: Path, experts: ExpertOptions | None = Non
     if name not in available:
         raise OptionError("backend", f"{{option}} {name!r} is not available in this build "
                                      f"(available: {', '.join(available)})")
-    module = importlib.import_module(f"{__name__}.{name}")
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ImportError as e:  # its runtime is not installed (MLX on a CUDA server, say)
+        raise EdgeDSError(f"the {name} backend needs {(e.name or 'a package').split('.')[0]}, which is not installed here"
+                          + ("" if name == "torch" else "; the torch backend runs Hugging Face checkpoints "
+                             "without it (backend torch, pip install -e \".[torch]\")")) from None
     accepted = inspect.signature(module.load).parameters
     for option in options:
         if option not in accepted or option in ("directory", "experts"):
