@@ -1,14 +1,16 @@
-"""edge-ds' onnxruntime backend against llama.cpp's llama-bench, in the same run.
+"""What a Linux user gets by default against llama.cpp's llama-bench, in the same run.
 
     python benchmarks/onnx_bench.py --llama-bench PATH --gguf MODEL.gguf [--out bench_out]
-                                    [-p 128] [-g 64] [-n 3] [-t 2] [--block-size 32]
+                                    [-p 128] [-g 64] [-n 3] [-t 2] [--rounds 3]
 
-Exports the ~450M DeepSeek-V3-shaped benchmark model (bench_model.py; built once into
-OUT/hf) to ONNX at 4 bits with int8 activations (accuracy level 4), runs `edge-ds bench
---backend onnx` in a fresh process, then `llama-bench -p P -n G -t T` on the GGUF you give
-(the same checkpoint converted to Q4_0 with llama.cpp's convert_hf_to_gguf.py and
-llama-quantize; this script never builds or downloads llama.cpp), and prints a markdown table
-with the ratios (also saved as OUT/onnx_bench_result.json).
+Converts the ~450M DeepSeek-V3-shaped benchmark model (bench_model.py; built once into OUT/hf)
+with `edge-ds convert SRC DST` (4-bit MLX weights and, off Apple Silicon, the ONNX export beside
+them), then runs `edge-ds bench --model DST` with no backend flag (the backend it picks is
+recorded) and `llama-bench -p P -n G -t T -r N` on the GGUF you give (the same checkpoint
+converted to Q4_0 with llama.cpp's convert_hf_to_gguf.py and llama-quantize; this script never
+builds or downloads llama.cpp), alternating the two for --rounds rounds so both see the same
+machine. Prints a markdown table of the medians and each round's ratios (also saved as
+OUT/onnx_bench_result.json).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +43,13 @@ def llama_bench(binary: str, gguf: str, prompt: int, gen: int, trials: int, thre
             "build_commit": pp.get("build_commit"), "cpu": pp.get("cpu_info")}
 
 
+def edge_ds_bench(model: Path, prompt: int, gen: int, trials: int, threads: int) -> dict:
+    """`edge-ds bench --model DIR` as a user runs it: no backend flag."""
+    env = dict(os.environ, EDGE_DS_THREADS=str(threads))
+    return json.loads(run([sys.executable, "-m", "edge_ds", "bench", "--model", str(model), "-p", str(prompt),
+                           "-g", str(gen), "-n", str(trials), "--json"], env=env))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-bench", required=True, help="Path to a llama-bench binary you built.")
@@ -47,33 +57,46 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-g", type=int, default=64)
-    ap.add_argument("-n", type=int, default=3)
+    ap.add_argument("-n", type=int, default=3, help="Trials per run.")
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="Alternating runs of each engine.")
     args = ap.parse_args()
     out = Path(args.out)
     hf = build(out)
-    onnx_dir = out / f"onnx-q4-b{args.block_size}"
-    if not onnx_dir.exists():
-        run([sys.executable, "-m", "edge_ds.cli", "export-onnx", str(hf), str(onnx_dir), "--bits", "4", "--block-size", str(args.block_size),
-             "--accuracy-level", "4"])
+    converted = out / "converted"  # what `edge-ds convert SRC DST` writes with its defaults
+    if not converted.exists():
+        run([sys.executable, "-m", "edge_ds", "convert", str(hf), str(converted)])
 
-    env = dict(os.environ, EDGE_DS_THREADS=str(args.threads))
-    ours = json.loads(run([sys.executable, "-m", "edge_ds.cli", "bench", "--model", str(onnx_dir), "--backend", "onnx", "-p", str(args.p),
-                           "-g", str(args.g), "-n", str(args.n), "--json"], env=env))
-    theirs = llama_bench(args.llama_bench, args.gguf, args.p, args.g, args.n, args.threads)
-    result = {"edge_ds_onnx": ours, "llama_cpp_q4_0": theirs,
-              "prompt_ratio": ours["prompt_tps"] / theirs["prompt_tps"],
-              "generation_ratio": ours["generation_tps"] / theirs["generation_tps"],
-              "threads": args.threads, "block_size": args.block_size}
+    rounds = []
+    for _ in range(args.rounds):
+        ours = edge_ds_bench(converted, args.p, args.g, args.n, args.threads)
+        theirs = llama_bench(args.llama_bench, args.gguf, args.p, args.g, args.n, args.threads)
+        rounds.append({"edge_ds": ours, "llama_cpp_q4_0": theirs,
+                       "prompt_ratio": ours["prompt_tps"] / theirs["prompt_tps"],
+                       "generation_ratio": ours["generation_tps"] / theirs["generation_tps"]})
+
+    def median(engine: str, key: str) -> float:
+        return statistics.median(r[engine][key] for r in rounds)
+
+    result = {"rounds": rounds, "threads": args.threads, "backend": rounds[0]["edge_ds"]["backend"],
+              "device": rounds[0]["edge_ds"]["device"],
+              "median": {e: {k: median(e, k) for k in ("prompt_tps", "generation_tps")}
+                         for e in ("edge_ds", "llama_cpp_q4_0")},
+              "median_prompt_ratio": statistics.median(r["prompt_ratio"] for r in rounds),
+              "median_generation_ratio": statistics.median(r["generation_ratio"] for r in rounds)}
     (out / "onnx_bench_result.json").write_text(json.dumps(result, indent=2))
-    print(f"| runtime (4-bit, -p {args.p} -g {args.g}, {args.threads} threads) | prompt tok/s | decode tok/s |")
+    m = result["median"]
+    print(f"| runtime (4-bit, -p {args.p} -g {args.g}, {args.threads} threads, median of {args.rounds} "
+          f"alternating rounds) | prompt tok/s | decode tok/s |")
     print("|---|---|---|")
-    print(f"| llama.cpp Q4_0 (llama-bench, mean of {args.n}) | {theirs['prompt_tps']:.1f} | "
-          f"{theirs['generation_tps']:.1f} |")
-    print(f"| edge-ds onnx (block {args.block_size}, int8 activations, median of {args.n}) | "
-          f"{ours['prompt_tps']:.1f} | {ours['generation_tps']:.1f} |")
-    print(f"| ratio edge-ds / llama.cpp | {result['prompt_ratio']:.2f}x | {result['generation_ratio']:.2f}x |")
+    print(f"| llama.cpp Q4_0 (llama-bench, mean of {args.n} per round) | {m['llama_cpp_q4_0']['prompt_tps']:.1f} | "
+          f"{m['llama_cpp_q4_0']['generation_tps']:.1f} |")
+    print(f"| `edge-ds convert` + `edge-ds bench` (backend {result['backend']}: {result['device']}; median of "
+          f"{args.n} per round) | {m['edge_ds']['prompt_tps']:.1f} | {m['edge_ds']['generation_tps']:.1f} |")
+    print(f"| ratio edge-ds / llama.cpp (median of the rounds' ratios) | {result['median_prompt_ratio']:.2f}x | "
+          f"{result['median_generation_ratio']:.2f}x |")
+    print("per round (prompt, decode ratios): " + ", ".join(
+        f"{r['prompt_ratio']:.2f}x/{r['generation_ratio']:.2f}x" for r in rounds))
 
 
 if __name__ == "__main__":
