@@ -2,8 +2,10 @@
 
     python benchmarks/shipped_parity.py [--windows 8] [--window 128] [--keep DIR]
 
-The float weights edge-ds-tiny was trained to are not kept (recipe/make.py builds in a scratch
-directory), so the datacenter builds here start from the shipped 4-bit weights, dequantized
+`edge-ds parity` with no arguments measures the shipped builds against the shipped FP8 build of
+the trained float weights (Package.resources/edge-ds-tiny-fp8). The float weights themselves are
+not shipped (82 MB; recipe/make.py builds them in a scratch directory), so the builds here, which
+separate the runtimes from the quantization, start from the shipped 4-bit weights, dequantized
 exactly (mx.dequantize) into a float32 Hugging Face checkpoint ("float-of-4bit"), then written
 in DeepSeek's FP8 layout by edge_ds.datacenter.write_fp8_checkpoint ("fp8-of-4bit"). So:
   - torch float32 on float-of-4bit against the MLX 4-bit build: the same weights on two

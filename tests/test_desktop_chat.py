@@ -82,7 +82,9 @@ def test_second_turn_reuses_the_cache(chat):
     controller.send("And the earth was without form")
     second = rec.wait()
     assert second.data["prompt_tokens"] > first.data["prompt_tokens"]
-    assert second.data["prefilled_tokens"] < second.data["prompt_tokens"] // 2
+    # At least the whole first prompt comes from the cache (how much of the reply does depends on
+    # how the model's tokens re-tokenize inside the template).
+    assert 0 < second.data["prefilled_tokens"] <= second.data["prompt_tokens"] - first.data["prompt_tokens"]
 
 
 def test_a_corrupt_model_is_an_error_in_the_window(tmp_path):

@@ -93,7 +93,8 @@ def evaluate(dirs: dict[str, Path], window: int) -> dict:
         report["perplexity"][name] = result.perplexity
         report["perplexity_tokens"] = result.tokens
         info = model_info(d)
-        report["size_bytes"][name] = info["size_on_disk_bytes"]
+        onnx_bytes = sum((d / n).stat().st_size for n in ("model.onnx", "onnx.json") if (d / n).is_file())
+        report["size_bytes"][name] = info["size_on_disk_bytes"] - onnx_bytes  # the weights, not the export beside them
         report["bits_per_weight"][name] = info["bits_per_weight"]
         print(f"{name}: validation perplexity {result.perplexity:.3f} ({result.tokens} tokens, "
               f"{time.time() - t:.1f} s), {info['size_on_disk_bytes'] / 1e6:.1f} MB", flush=True)
@@ -133,7 +134,7 @@ def install(src: Path, fp8: Path) -> None:
     (FP8_DIR / "README.md").write_text(
         "# edge-ds-tiny, datacenter build\n\n"
         "The float weights edge-ds-tiny was trained to (see ../edge-ds-tiny/README.md), written by\n"
-        "`recipe/make.py` in DeepSeek-V3's FP8 layout: decoder projections as float8_e4m3fn with float32\n"
+        "`../edge-ds-tiny/recipe/make.py` in DeepSeek-V3's FP8 layout: decoder projections as float8_e4m3fn with float32\n"
         "`weight_scale_inv` per 128x128 block, embeddings, norms, router and head in bfloat16, the\n"
         "router's correction bias in float32 (`edge_ds.datacenter.write_fp8_checkpoint`). It runs on the\n"
         "torch backend (`pip install -e \".[torch]\"`) and is the reference `edge-ds parity` takes\n"

@@ -2,7 +2,11 @@
 
 Writes a Hugging Face checkpoint (float32 safetensors, config.json, tokenizer) to OUT/hf and a
 training log OUT/train_log.json (loss curve, expert load per layer, validation perplexity).
-Deterministic for a given seed on a given machine (torch's CPU kernels, 2 threads).
+The data order, initialisation and tokenizer are fixed by the seed, and the first steps repeat a
+run's losses exactly; but torch's CPU backward is not bit-reproducible from run to run (some
+kernels' sums depend on thread timing), so after some tens of steps two runs drift apart and a
+rebuild is an equivalent model (same recipe, same data, similar perplexity), not the same bits.
+With 1 thread instead of 2 the weights differ after the first steps.
 """
 
 from __future__ import annotations
