@@ -188,11 +188,7 @@ class ExpertStore:
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    try:
-                        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                    except OSError as e:
-                        raise EdgeDSError(f"{path}: cannot open: {e.strerror or e}") from None
-                    advise_random(fd)
+                    fd = open_for_slices(path)
                     if not self.page_cache:
                         bypass_page_cache(fd)
                     self._fds[path] = fd
@@ -236,6 +232,16 @@ def advise_random(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         except OSError:
             pass
+
+
+def open_for_slices(path: Path) -> int:
+    """A read-only descriptor for offset reads of slices of `path` (no read-ahead past them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise EdgeDSError(f"{path}: cannot open: {e.strerror or e}") from None
+    advise_random(fd)
+    return fd
 
 
 def bypass_page_cache(fd: int) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, TensorInfo, numpy_dtype, pread_into, require_finite
 from ..config import ModelConfig
 from ..errors import EdgeDSError
-from ..experts.store import advise_random
+from ..experts.store import open_for_slices
 from ..layout import WEIGHTS_GLOB, is_fp8_scale, is_mtp, is_recomputed, is_routed_expert
 from .plan import TensorPlan
 
@@ -101,12 +101,7 @@ class SliceReader:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            except OSError as e:
-                raise EdgeDSError(f"{path}: cannot open: {e.strerror or e}") from None
-            advise_random(fd)  # no read-ahead past a slice
-            self._fds[path] = fd
+            fd = self._fds[path] = open_for_slices(path)
         return fd
 
 
