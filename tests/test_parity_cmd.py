@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the torch backend needs the dev or torch extra")
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the torch backend needs the dev or torch extra")
 
 from click.testing import CliRunner  # noqa: E402
 

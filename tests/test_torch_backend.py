@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the torch backend needs the dev or torch extra")
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the torch backend needs the dev or torch extra")
 
 from edge_ds.backends import torch as torch_backend  # noqa: E402
 from edge_ds.errors import EdgeDSError, OptionError  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the torch backend needs the dev or torch extra")
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the torch backend needs the dev or torch extra")
 
 from edge_ds.backends import torch as torch_backend  # noqa: E402
 from edge_ds.errors import EdgeDSError  # noqa: E402
