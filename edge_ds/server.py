@@ -227,11 +227,7 @@ class ModelWorker:
             if self.prompt_cache and self._cache is None:
                 self._cache = lm.new_cache()
             stream = lm.stream(ids, cache=self._cache if self.prompt_cache else None, **opts)
-            result = _send_stream(stream, job)
-            self.last = result
-            job.events.put(("done", result))
-            if self._log:
-                self._log(_summary(result))
+            self._finish(stream, job)
         except EdgeDSError as e:
             over = isinstance(e, ContextLengthError)
             if over or not encoded:  # the request's fault: its prompt
@@ -245,6 +241,14 @@ class ModelWorker:
             self._cache = None  # it may hold a half-run step
             job.events.put(("error", RequestError(f"internal error: {type(e).__name__}: {e}", status=500,
                                                   kind="server_error")))
+
+    def _finish(self, stream: Any, job: Job) -> None:
+        """Sends a generation's stream to its client, then its result (kept as `last`, logged)."""
+        result = _send_stream(stream, job)
+        self.last = result
+        job.events.put(("done", result))
+        if self._log:
+            self._log(_summary(result))
 
 
 def _opens_thinking(lm: LanguageModel, job: Job, ids: list[int]) -> bool:
@@ -391,11 +395,7 @@ class BatchWorker(ModelWorker):
                 ids, None, row.sampler, replace(opts, max_tokens=max_tokens), row.stats, stream.tokens,
                 job.cancelled, o.get("logprobs"), stream.logprobs, frozenset(o.get("keep_special", ())),
                 source=token_source(row.out, lambda: None, POLL_SECONDS))
-            result = _send_stream(stream, job)
-            self.last = result
-            job.events.put(("done", result))
-            if self._log:
-                self._log(_summary(result))
+            self._finish(stream, job)
         except EdgeDSError as e:
             job.events.put(("error", RequestError(str(e), status=500, kind="server_error")))
         except Exception as e:
