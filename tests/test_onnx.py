@@ -109,9 +109,15 @@ def dequantized_state(model, path: Path) -> dict[str, torch.Tensor]:
             gate, up, down = w1[:, 0::2], w1[:, 1::2], w2
             assert not gate[:, I:].any() and not up[:, I:].any() and not gate[:, :, D:].any() and not down[:, D:].any()
             state[f"{node}.gate_up_proj"] = np.concatenate([gate[:, :I, :D], up[:, :I, :D]], axis=1)
-            state[f"{node}.down_proj"] = down[:, :D]
+            # The graph folds routed_scaling_factor into the down projections' scales.
+            state[f"{node}.down_proj"] = down[:, :D] / np.float32(cfg.routed_scaling_factor)
             continue
         w = unpack_blocks(init[node + ".qweight"], init[node + ".scales"], a["bits"], a["K"])
+        if node.endswith(("q_kv_a_proj", "q_b_proj")) and (cfg.q_lora_rank is None) == node.endswith("q_kv_a_proj"):
+            # ... and the scores' softmax scale into the query's rope rows (rotation is linear).
+            H, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+            heads = w[: H * (nope + rope)].reshape(H, nope + rope, -1)
+            heads[:, nope:] /= np.float32(model.model.layers[0].self_attn.scaling)  # transformers' own
         if node.endswith("q_kv_a_proj"):
             base = node[: -len("q_kv_a_proj")]
             q_name = base + ("q_proj.weight" if cfg.q_lora_rank is None else "q_a_proj.weight")

@@ -71,6 +71,15 @@ class DecoderGraph:
         h = g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a])]), b])
         return self.linear(h, self.read(prefix + ".down_proj.weight"), prefix + ".down_proj")
 
+    def rope_rows_scaled(self, w: np.ndarray) -> np.ndarray:
+        """The query projection w [H * (nope + rope), K] (q_proj or q_b_proj) with its rope rows scaled by
+        softmax_scale (rotation is linear, so the scores' scale can be applied before it)."""
+        cfg = self.cfg
+        H, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        heads = w.reshape(H, nope + rope, -1).copy()
+        heads[:, nope:] *= np.float32(cfg.softmax_scale)
+        return heads.reshape(w.shape)
+
     def rope(self, x: str) -> str:
         """Interleaved rotation of x [B, heads, S, rope] at position_ids."""
         return self.g.op("RotaryEmbedding", [x, self.cos, self.sin, "position_ids"], "rope", interleaved=1)
@@ -137,12 +146,13 @@ class DecoderGraph:
                                cfg.v_head_dim, cfg.kv_lora_rank)
         kv_a = self.read(p + ".kv_a_proj_with_mqa.weight")
         # The query's first projection and kv_a read the same input: one MatMulNBits for both.
-        q_first = self.read(p + (".q_proj.weight" if cfg.q_lora_rank is None else ".q_a_proj.weight"))
+        q_first = (self.rope_rows_scaled(self.read(p + ".q_proj.weight")) if cfg.q_lora_rank is None
+                   else self.read(p + ".q_a_proj.weight"))
         both = self.linear(h, np.concatenate([q_first, kv_a]), p + ".q_kv_a_proj")
         q, kv = g.op("Split", [both, g.ints(q_first.shape[0], kv_a.shape[0])], p + ".split_q_kv", outputs=2, axis=-1)
         if cfg.q_lora_rank is not None:
             q = self.rms_norm(q, p + ".q_a_layernorm.weight", 1e-6)  # transformers' default eps, not rms_norm_eps
-            q = self.linear(q, self.read(p + ".q_b_proj.weight"), p + ".q_b_proj")
+            q = self.linear(q, self.rope_rows_scaled(self.read(p + ".q_b_proj.weight")), p + ".q_b_proj")
         q = g.op("Transpose", [g.op("Reshape", [q, g.ints(0, 0, H, nope + rope)])], perm=[0, 2, 1, 3])
         q_nope, q_pe = g.op("Split", [q, g.ints(nope, rope)], p + ".split_q", outputs=2, axis=-1)  # [B, H, S, *]
 
@@ -154,16 +164,20 @@ class DecoderGraph:
         latent = g.op("Concat", [past, new], p + ".present", axis=2)  # [B, 1, T, r + rope]
 
         w_uk, w_uv = split_kv_b(self.read(kv_b_name(p)), cfg)  # [H, nope, r], [H, v, r]
-        w_uk = np.ascontiguousarray(w_uk * np.float32(cfg.softmax_scale))  # scale folded in
+        w_uk = np.ascontiguousarray(w_uk * np.float32(cfg.softmax_scale))  # scale folded in (q_pe's is in q_b)
         w_uv = np.ascontiguousarray(w_uv.transpose(0, 2, 1))  # [H, r, v]
         q_lat = g.op("MatMul", [q_nope, g.const(w_uk, p + ".w_uk")], p + ".q_latent")  # [B, H, S, r]
-        q_pe = g.op("Mul", [self.rope(q_pe), g.scalar(cfg.softmax_scale)])
-        query = g.op("Concat", [q_lat, q_pe], axis=-1)  # [B, H, S, r + rope]
-        keys = g.op("Transpose", [latent], perm=[0, 1, 3, 2])  # [B, 1, r + rope, T]
-        scores = g.op("Add", [g.op("MatMul", [query, keys], p + ".scores"), mask])  # [B, H, S, T]
-        probs = g.op("Softmax", [scores], p + ".probs", axis=-1)
-        values = g.op("Slice", [latent, g.ints(0), g.ints(r), g.ints(3)], p + ".values")  # [B, 1, T, r]
-        ctx = g.op("MatMul", [g.op("MatMul", [probs, values]), g.const(w_uv, p + ".w_uv")])  # [B, H, S, v]
+        query = g.op("Concat", [q_lat, self.rope(q_pe)], axis=-1)  # [B, H, S, r + rope]
+        # One latent row serves every head (MQA): the heads' queries stack into one [H * S, r + rope]
+        # product with the latents, so each step reads the cache once instead of once per head.
+        stacked = g.op("Reshape", [query, g.ints(0, 1, -1, r + rope)])  # [B, 1, H * S, r + rope]
+        scores = g.op("MatMul", [stacked, g.op("Transpose", [latent], perm=[0, 1, 3, 2])], p + ".scores")
+        scores = g.op("Add", [g.op("Reshape", [scores, g.ints(0, H, -1, 0)]), mask])  # [B, H, S, T]
+        probs = g.op("Reshape", [g.op("Softmax", [scores], p + ".probs", axis=-1), g.ints(0, 1, -1, 0)])
+        # Weighted latent rows, rope columns included (cheaper than slicing the cache), then dropped.
+        mixed = g.op("Reshape", [g.op("MatMul", [probs, latent]), g.ints(0, H, -1, r + rope)])  # [B, H, S, r + rope]
+        mixed = g.op("Slice", [mixed, g.ints(0), g.ints(r), g.ints(3)], p + ".mixed")  # [B, H, S, r]
+        ctx = g.op("MatMul", [mixed, g.const(w_uv, p + ".w_uv")])  # [B, H, S, v]
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.ints(0, 0, H * v)])
         return self.linear(ctx, self.read(p + ".o_proj.weight"), p + ".o_proj"), latent
 
@@ -196,8 +210,6 @@ class DecoderGraph:
                       accuracy_level=self.quant.accuracy_level, **blocked)
         if padded != D:
             routed = g.op("Slice", [routed, g.ints(0), g.ints(D), g.ints(-1)], p + ".unpad_hidden")
-        if cfg.routed_scaling_factor != 1.0:
-            routed = g.op("Mul", [routed, g.scalar(cfg.routed_scaling_factor)])
         if cfg.n_shared_experts:
             routed = g.op("Add", [routed, self.swiglu_mlp(h, p + ".shared_experts")])
         return routed
@@ -248,6 +260,7 @@ class DecoderGraph:
             fc1_s.append(scales[:, 0] if per_row else scales)
             down = self.read(f"{p}.experts.{e}.down_proj.weight")
             packed, scales = quantize_blocks(np.pad(down, ((0, D - down.shape[0]), (0, I - down.shape[1]))), q2)
+            scales = scales * np.float32(cfg.routed_scaling_factor)  # the experts' output scale, folded in
             fc2.append(packed.reshape(packed.shape[0], -1))
             fc2_s.append(scales[:, 0] if per_row else scales)
         return (g.const(np.stack(fc1), p + ".fc1.qweight"), g.const(np.stack(fc1_s), p + ".fc1.scales"),
