@@ -81,6 +81,9 @@ class OnnxModel:
 
     name = "onnx"
     experts = None  # every expert is in the graph
+    # onnxruntime hands back numpy: generation samples there (arrays.py) instead of copying each
+    # step's logits into MLX. Callers that pass MLX tokens (the server's batch) get MLX back.
+    arrays = "numpy"
 
     def __init__(self, directory: str | Path, threads: int | None = None):
         directory = Path(directory)
@@ -121,12 +124,12 @@ class OnnxModel:
     def make_cache(self, batch: int = 1) -> OrtCache:
         return OrtCache(self.num_layers, self.latent_dim, batch)
 
-    def __call__(self, tokens: mx.array, cache: OrtCache | None = None) -> mx.array:
-        """The MLX model's contract: int tokens [B, L] -> float32 logits [B, L, V] (last position only
-        while a cache is being filled step by step: generation reads no other)."""
+    def __call__(self, tokens: np.ndarray | mx.array, cache: OrtCache | None = None) -> np.ndarray | mx.array:
+        """The backend contract: int tokens [B, L] -> float32 logits [B, L, V] (last position only
+        while a cache is being filled step by step: generation reads no other), in the tokens' library."""
         ids = np.asarray(tokens).astype(np.int64)
-        keep = 1 if cache is not None else 0
-        return mx.array(self.forward(ids, cache, logits_to_keep=keep))
+        logits = self.forward(ids, cache, logits_to_keep=1 if cache is not None else 0)
+        return logits if isinstance(tokens, np.ndarray) else mx.array(logits)
 
     def forward(self, ids: np.ndarray, cache: OrtCache | None = None, attention_mask: np.ndarray | None = None,
                 logits_to_keep: int = 0) -> np.ndarray:
