@@ -1,19 +1,20 @@
-"""How fast could an export run if its quantized products ran back to back at their own speed?
+"""How fast could an export run if its quantized nodes ran back to back at their own speed?
 
     python benchmarks/onnx_kernels.py --model DIR [-p 128] [-t 2] [--rounds 3]
                                       [--llama-bench PATH --gguf MODEL.gguf]
 
 An upper bound for `edge-ds bench` on an ONNX export. It reads DIR/model.onnx and builds two
-graphs holding nothing but its 4/8-bit products (MatMulNBits with the export's bits, block size
-and compute type, random weights; each routed expert as its two products), every product with
-its own weights so they stream from memory as the model's do:
+graphs holding nothing but copies of its quantized nodes (every MatMulNBits and QMoE, with their
+own attributes: bits, block size, compute type), each with random weights of its own, so they
+stream from memory as the model's do:
 - prompt: the projections on P rows (the head on one: generation keeps one position's logits),
-  every expert once on P * k / E rows (uniform routing);
-- decode: the projections and the head on one row, k experts per MoE layer on one row.
+  the routed experts on P tokens picked round-robin (each expert gets P * k / E);
+- decode: everything on one token.
 Each graph runs in one onnxruntime session with `-t` threads. Everything else the model does
-(attention, norms, routing, rope, QMoE's gathering) is left out, so the tok/s it prints are
-ceilings for this onnxruntime on this machine, not predictions. With --llama-bench and --gguf it
-runs llama-bench once per round too, so the ceilings compare with llama.cpp in the same run.
+(latent attention and its float32 products, norms, routing, rope) is left out, so the tok/s it
+prints are ceilings for this onnxruntime on this machine, not predictions. With --llama-bench
+and --gguf it runs llama-bench once per round too, so the ceilings compare with llama.cpp in the
+same run.
 """
 
 from __future__ import annotations
