@@ -1,16 +1,17 @@
 """What a Linux user gets by default against llama.cpp's llama-bench, in the same run.
 
     python benchmarks/onnx_bench.py --llama-bench PATH --gguf MODEL.gguf [--out bench_out]
-                                    [-p 128] [-g 64] [-n 3] [-t 2] [--rounds 3]
+                                    [-p 128] [-g 64] [-n 3] [-t 2] [--rounds 3] [-d 0]
 
 Converts the ~450M DeepSeek-V3-shaped benchmark model (bench_model.py; built once into OUT/hf)
 with `edge-ds convert SRC DST` (4-bit MLX weights and, off Apple Silicon, the ONNX export beside
 them), then runs `edge-ds bench --model DST` with no backend flag (the backend it picks is
-recorded) and `llama-bench -p P -n G -t T -r N` on the GGUF you give (the same checkpoint
+recorded) and `llama-bench -p P -n G -t T -r N` on the GGUF you give (with -d D, both run their
+tests after D tokens of context: `edge-ds bench -d`, `llama-bench -d`) (the same checkpoint
 converted to Q4_0 with llama.cpp's convert_hf_to_gguf.py and llama-quantize; this script never
 builds or downloads llama.cpp), alternating the two for --rounds rounds so both see the same
 machine. Prints a markdown table of the medians and each round's ratios (also saved as
-OUT/onnx_bench_result.json).
+OUT/onnx_bench_result.json, or OUT/onnx_bench_result_dD.json).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def run(cmd: list[str], env: dict | None = None) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
 
 
-def llama_bench(binary: str, gguf: str, prompt: int, gen: int, trials: int, threads: int) -> dict:
+def llama_bench(binary: str, gguf: str, prompt: int, gen: int, trials: int, threads: int, depth: int = 0) -> dict:
     """llama-bench's average tok/s for the prompt (pp) and generation (tg) tests."""
     rows = json.loads(run([binary, "-m", gguf, "-p", str(prompt), "-n", str(gen), "-t", str(threads),
-                           "-r", str(trials), "-o", "json"]))
+                           "-r", str(trials), "-o", "json"] + (["-d", str(depth)] if depth else [])))
     pp = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
     tg = next(r for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)
     return {"prompt_tps": pp["avg_ts"], "generation_tps": tg["avg_ts"], "prompt_tps_stddev": pp["stddev_ts"],
@@ -43,11 +44,11 @@ def llama_bench(binary: str, gguf: str, prompt: int, gen: int, trials: int, thre
             "build_commit": pp.get("build_commit"), "cpu": pp.get("cpu_info")}
 
 
-def edge_ds_bench(model: Path, prompt: int, gen: int, trials: int, threads: int) -> dict:
+def edge_ds_bench(model: Path, prompt: int, gen: int, trials: int, threads: int, depth: int = 0) -> dict:
     """`edge-ds bench --model DIR` as a user runs it: no backend flag."""
     env = dict(os.environ, EDGE_DS_THREADS=str(threads))
     return json.loads(run([sys.executable, "-m", "edge_ds", "bench", "--model", str(model), "-p", str(prompt),
-                           "-g", str(gen), "-n", str(trials), "--json"], env=env))
+                           "-g", str(gen), "-n", str(trials), "-d", str(depth), "--json"], env=env))
 
 
 def main() -> None:
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=3, help="Trials per run.")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="Alternating runs of each engine.")
+    ap.add_argument("-d", "--depth", type=int, default=0, help="Tokens of context before each test (both engines).")
     args = ap.parse_args()
     out = Path(args.out)
     hf = build(out)
@@ -69,8 +71,8 @@ def main() -> None:
 
     rounds = []
     for _ in range(args.rounds):
-        ours = edge_ds_bench(converted, args.p, args.g, args.n, args.threads)
-        theirs = llama_bench(args.llama_bench, args.gguf, args.p, args.g, args.n, args.threads)
+        ours = edge_ds_bench(converted, args.p, args.g, args.n, args.threads, args.depth)
+        theirs = llama_bench(args.llama_bench, args.gguf, args.p, args.g, args.n, args.threads, args.depth)
         rounds.append({"edge_ds": ours, "llama_cpp_q4_0": theirs,
                        "prompt_ratio": ours["prompt_tps"] / theirs["prompt_tps"],
                        "generation_ratio": ours["generation_tps"] / theirs["generation_tps"]})
@@ -78,16 +80,16 @@ def main() -> None:
     def median(engine: str, key: str) -> float:
         return statistics.median(r[engine][key] for r in rounds)
 
-    result = {"rounds": rounds, "threads": args.threads, "backend": rounds[0]["edge_ds"]["backend"],
+    result = {"rounds": rounds, "threads": args.threads, "depth": args.depth, "backend": rounds[0]["edge_ds"]["backend"],
               "device": rounds[0]["edge_ds"]["device"],
               "median": {e: {k: median(e, k) for k in ("prompt_tps", "generation_tps")}
                          for e in ("edge_ds", "llama_cpp_q4_0")},
               "median_prompt_ratio": statistics.median(r["prompt_ratio"] for r in rounds),
               "median_generation_ratio": statistics.median(r["generation_ratio"] for r in rounds)}
-    (out / "onnx_bench_result.json").write_text(json.dumps(result, indent=2))
+    (out / f"onnx_bench_result{f'_d{args.depth}' if args.depth else ''}.json").write_text(json.dumps(result, indent=2))
     m = result["median"]
-    print(f"| runtime (4-bit, -p {args.p} -g {args.g}, {args.threads} threads, median of {args.rounds} "
-          f"alternating rounds) | prompt tok/s | decode tok/s |")
+    print(f"| runtime (4-bit, -p {args.p} -g {args.g}" + (f" -d {args.depth}" if args.depth else "")
+          + f", {args.threads} threads, median of {args.rounds} alternating rounds) | prompt tok/s | decode tok/s |")
     print("|---|---|---|")
     print(f"| llama.cpp Q4_0 (llama-bench, mean of {args.n} per round) | {m['llama_cpp_q4_0']['prompt_tps']:.1f} | "
           f"{m['llama_cpp_q4_0']['generation_tps']:.1f} |")

@@ -426,25 +426,28 @@ def _bytes(n: int) -> str:
 @click.option("--prompt-tokens", "-p", default=128, show_default=True, help="Random prompt length.")
 @click.option("--generation-tokens", "-g", default=64, show_default=True, help="Tokens generated per trial.")
 @click.option("--num-trials", "-n", default=3, show_default=True, help="Timed trials after one warm-up (medians).")
+@click.option("--depth", "-d", default=0, show_default=True,
+              help="Tokens already in the cache before each trial's prompt (llama-bench's -d): speed at a long context.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @expert_options
 @backend_option
 @torch_options
 @parallel_option
-def bench(model_dir, prompt_tokens, generation_tokens, num_trials, as_json, experts, backend, backend_options):
+def bench(model_dir, prompt_tokens, generation_tokens, num_trials, depth, as_json, experts, backend, backend_options):
     """Measure prompt and generation tokens/s (same meaning as mlx-lm's benchmark)."""
     from .api import load
     from .bench import run_bench
 
-    if prompt_tokens < 1 or generation_tokens < 1 or num_trials < 1:
-        raise EdgeDSError("-p, -g and -n must be at least 1")
+    if prompt_tokens < 1 or generation_tokens < 1 or num_trials < 1 or depth < 0:
+        raise EdgeDSError("-p, -g and -n must be at least 1, and -d at least 0")
     lm = load(model_dir, backend=backend, **experts, **backend_options)
-    result = run_bench(lm, prompt_tokens, generation_tokens, num_trials)
+    result = run_bench(lm, prompt_tokens, generation_tokens, num_trials, depth)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"prompt_tps={result['prompt_tps']:.3f} generation_tps={result['generation_tps']:.3f} "
-                   f"peak_memory={result['peak_memory_gb']:.3f} GB ({num_trials} trials, median)")
+                   f"peak_memory={result['peak_memory_gb']:.3f} GB ({num_trials} trials, median"
+                   + (f", after {depth} tokens of context)" if depth else ")"))
         if "experts" in result:
             _print_expert_stats(result["experts"])
 

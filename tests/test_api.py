@@ -141,6 +141,27 @@ def test_cli_generate_info_bench(model_dir):
     assert json.loads(r.stdout)["generation_tps"] > 0
 
 
+def test_bench_depth_times_the_prompt_after_a_filled_cache(lm, monkeypatch):
+    """bench -d D (llama-bench's depth): each trial fills a fresh cache with D tokens untimed, then
+    prefills the P prompt tokens on top of them and generates G."""
+    from edge_ds.bench import run_bench
+
+    calls = []  # (tokens in the call, tokens already in its cache)
+    real = type(lm.backend).__call__
+
+    def counting(self, tokens, cache=None, **kw):
+        calls.append((tokens.shape[1], cache.offset if cache is not None else None))
+        return real(self, tokens, cache=cache, **kw)
+
+    monkeypatch.setattr(type(lm.backend), "__call__", counting)
+    result = run_bench(lm, prompt_tokens=12, generation_tokens=5, trials=2, depth=40)
+    assert result["depth"] == 40 and result["prompt_tps"] > 0
+    one_trial = [(40, 0), (12, 40)] + [(1, 52 + i) for i in range(4)]
+    assert calls == one_trial * 3  # the warm-up and two timed trials
+    with pytest.raises(edge_ds.EdgeDSError, match="max_position_embeddings"):
+        run_bench(lm, prompt_tokens=12, generation_tokens=5, depth=lm.config.max_position_embeddings)
+
+
 def test_cli_chat_session(model_dir):
     r = cli("chat", "--model", str(model_dir), "-m", "4", stdin="hi\n/reset\nhello\n/exit\n")
     assert r.returncode == 0, r.stderr
