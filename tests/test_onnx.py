@@ -83,7 +83,7 @@ def graph_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     proto = onnx.load(str(path / "model.onnx"))
     init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-             for n in proto.graph.node if n.op_type in ("MatMulNBits", "QMoE")}
+             for n in proto.graph.node if n.op_type in ("MatMulNBits", "QMoE", "GatherBlockQuantized")}
     return init, attrs
 
 
@@ -92,7 +92,12 @@ def dequantized_state(model, path: Path) -> dict[str, torch.Tensor]:
     init, attrs = graph_weights(path)
     cfg = model.config
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    embed = "model.embed_tokens.weight"  # GatherBlockQuantized: the head's layout, zero point 2^(bits-1)
+    state[embed] = unpack_blocks(init[embed + ".qweight"], init[embed + ".scales"], attrs["embed"]["bits"],
+                                 cfg.hidden_size)
     for node, a in attrs.items():
+        if node == "embed":
+            continue
         if a.get("K") is None:  # QMoE: fc1 rows interleave gate and up; [E, N] scales are one per row
             bits = a["expert_weight_bits"]
 
@@ -219,11 +224,11 @@ def test_graph_interface_and_manifest(exports):
     manifest = json.loads((path / "onnx.json").read_text())
     assert manifest["latent_dim"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
     assert manifest["inputs"]["past_latent.0"] == ["batch", 1, "past_seq", manifest["latent_dim"]]
-    # every projection is quantized: the only float matrices are embeddings, router, kv_b halves, RoPE tables
+    # every projection and the embedding are quantized: the only float matrices are the router, kv_b halves, RoPE tables
     init, _ = graph_weights(path)
     floats = [k for k, v in init.items() if v.dtype == np.float32 and v.ndim >= 2 and not k.endswith(".scales")]
-    assert all(k.endswith(("embed_tokens.weight", "gate.weight_t", ".w_uk", ".w_uv", "rope.cos", "rope.sin"))
-               for k in floats), floats
+    assert all(k.endswith(("gate.weight_t", ".w_uk", ".w_uv", "rope.cos", "rope.sin")) for k in floats), floats
+    assert manifest["external_data"] == "model.onnx.data" and (path / "model.onnx.data").is_file()
 
 
 def test_eight_bit_and_fast_accuracy_level(zoo, tmp_path):
@@ -300,11 +305,18 @@ def test_fp8_export_equals_bf16_export_up_to_fp8_rounding(tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # ...so it differs from the BF16/F32 original's export only by FP8 rounding.
     # The logits move by about what FP8 rounding moves transformers' (float weights vs FP8-rounded).
+    # Both exports hold the same 8-bit embedding, so transformers' two models get it too.
     toks = np.random.RandomState(5).randint(0, 160, (1, 12))
     got, ref = OnnxModel(from_fp8).forward(toks), OnnxModel(from_float).forward(toks)
-    twin = copy.deepcopy(model)
-    twin.load_state_dict(transformers_state(rounded))
-    rounding = rel_err(hf_logits(twin, toks), hf_logits(model, toks))
+    init, attrs = graph_weights(from_float)
+    embed = "model.embed_tokens.weight"
+    table = unpack_blocks(init[embed + ".qweight"], init[embed + ".scales"], attrs["embed"]["bits"], 160)
+    twins = []
+    for weights in (original, rounded):
+        twin = copy.deepcopy(model)
+        twin.load_state_dict(transformers_state({**weights, embed: table}))
+        twins.append(twin)
+    rounding = rel_err(hf_logits(twins[1], toks), hf_logits(twins[0], toks))
     assert 0 < rel_err(got, ref) < 1.5 * rounding + 1e-2
 
 
@@ -449,7 +461,7 @@ def test_info_and_expert_budget_on_an_onnx_export(lm_dir, monkeypatch):
     monkeypatch.setattr(backends.platform, "system", lambda: "Linux")
     facts, hf = model_info(lm_dir), model_info(lm_dir.parent / "hf")
     assert facts["total_params"] == hf["total_params"] and facts["active_params"] == hf["active_params"]
-    assert facts["quantization"]["bits"] == 4 and facts["bits_per_weight"] > 4  # float embedding rows count too
+    assert facts["quantization"]["bits"] == 4 and facts["bits_per_weight"] > 4  # scales and float kv_b count too
     assert facts["backend"] == "onnx" and "onnx export" in facts["backend_reason"]
     assert hf["backend"] == "mlx"
     with pytest.raises(EdgeDSError, match="expert_budget and trace need MLX weights"):

@@ -5,7 +5,8 @@ past_latent.{i} [B, 1, P, kv_lora + rope] (float32), and logits_to_keep (int64 [
 runs on the last that many positions, all when 0). Outputs: logits [B, S', V] (S' = logits_to_keep or S) and per
 layer present_latent.{i} [B, 1, P + S, kv_lora + rope].
 
-Ops: MatMulNBits for every 2-D projection and the head, QMoE for the routed experts,
+Ops: MatMulNBits for every 2-D projection and the head, GatherBlockQuantized for the token
+embedding (the same blocks, dequantized a gathered row at a time), QMoE for the routed experts,
 RMSNormalization, RotaryEmbedding (interleaved), and MLA in the absorbed form (W_UK folded
 into the query, W_UV applied after attention) straight over the latent rows.
 """
@@ -58,6 +59,18 @@ class DecoderGraph:
                     hint, domain=MS, K=k, N=n, bits=self.quant.bits, block_size=self.quant.block_size,
                     accuracy_level=self.quant.accuracy_level)
 
+    def embedding(self, name: str) -> str:
+        """input_ids -> rows [B, S, hidden] of the table `name`, stored in the projections' blocks
+        (GatherBlockQuantized dequantizes only the rows it gathers); hidden is padded to whole
+        blocks in the table and the padding sliced off."""
+        g, D = self.g, self.cfg.hidden_size
+        packed, scales = quantize_blocks(self.read(name), self.quant)  # [V, blocks, bs * bits / 8], [V, blocks]
+        rows = g.op("GatherBlockQuantized", [g.const(packed.reshape(packed.shape[0], -1), name + ".qweight"),
+                                             "input_ids", g.const(scales, name + ".scales")], "embed", domain=MS,
+                    gather_axis=0, quantize_axis=1, block_size=self.quant.block_size, bits=self.quant.bits)
+        padded = scales.shape[1] * self.quant.block_size
+        return rows if padded == D else g.op("Slice", [rows, g.ints(0), g.ints(D), g.ints(-1)], "embed_unpad")
+
     def rms_norm(self, x: str, name: str, eps: float) -> str:
         return self.g.op("RMSNormalization", [x, self.g.const(self.read(name), name)], name.removesuffix(".weight"),
                          axis=-1, epsilon=eps)
@@ -101,8 +114,7 @@ class DecoderGraph:
         self.cos = g.const((np.cos(angles) * attention_factor).astype(np.float32), "rope.cos")
         self.sin = g.const((np.sin(angles) * attention_factor).astype(np.float32), "rope.sin")
 
-        embed = g.const(self.read("model.embed_tokens.weight"), "model.embed_tokens.weight")
-        x = g.op("Gather", [embed, "input_ids"], "embed")  # float32 rows: a lookup reads only B*S of them
+        x = self.embedding("model.embed_tokens.weight")
         mask = self.attention_bias(pasts[0])
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
