@@ -22,33 +22,47 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import build  # noqa: E402
 
 
-def run(cmd: list[str], env: dict | None = None) -> str:
+def run(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
+    """The command's stdout and its peak resident memory in GB (the child's own, from wait4)."""
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps it with its resource usage (Unix)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stdout.close()
+        if proc.returncode:
+            err.seek(0)
+            raise subprocess.CalledProcessError(proc.returncode, cmd, out, err.read())
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    return out, peak / 1e9
 
 
 def llama_bench(binary: str, gguf: str, prompt: int, gen: int, trials: int, threads: int, depth: int = 0) -> dict:
     """llama-bench's average tok/s for the prompt (pp) and generation (tg) tests."""
-    rows = json.loads(run([binary, "-m", gguf, "-p", str(prompt), "-n", str(gen), "-t", str(threads),
-                           "-r", str(trials), "-o", "json"] + (["-d", str(depth)] if depth else [])))
+    out, peak_gb = run([binary, "-m", gguf, "-p", str(prompt), "-n", str(gen), "-t", str(threads), "-r", str(trials),
+                        "-o", "json"] + (["-d", str(depth)] if depth else []))
+    rows = json.loads(out)
     pp = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
     tg = next(r for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)
     return {"prompt_tps": pp["avg_ts"], "generation_tps": tg["avg_ts"], "prompt_tps_stddev": pp["stddev_ts"],
-            "generation_tps_stddev": tg["stddev_ts"], "model_type": pp.get("model_type"),
+            "generation_tps_stddev": tg["stddev_ts"], "model_type": pp.get("model_type"), "peak_rss_gb": peak_gb,
             "build_commit": pp.get("build_commit"), "cpu": pp.get("cpu_info")}
 
 
 def edge_ds_bench(model: Path, prompt: int, gen: int, trials: int, threads: int, depth: int = 0) -> dict:
     """`edge-ds bench --model DIR` as a user runs it: no backend flag."""
     env = dict(os.environ, EDGE_DS_THREADS=str(threads))
-    return json.loads(run([sys.executable, "-m", "edge_ds", "bench", "--model", str(model), "-p", str(prompt),
-                           "-g", str(gen), "-n", str(trials), "-d", str(depth), "--json"], env=env))
+    out, peak_gb = run([sys.executable, "-m", "edge_ds", "bench", "--model", str(model), "-p", str(prompt),
+                        "-g", str(gen), "-n", str(trials), "-d", str(depth), "--json"], env=env)
+    return {**json.loads(out), "peak_rss_gb": peak_gb}
 
 
 def main() -> None:
@@ -82,21 +96,23 @@ def main() -> None:
 
     result = {"rounds": rounds, "threads": args.threads, "depth": args.depth, "backend": rounds[0]["edge_ds"]["backend"],
               "device": rounds[0]["edge_ds"]["device"],
-              "median": {e: {k: median(e, k) for k in ("prompt_tps", "generation_tps")}
+              "median": {e: {k: median(e, k) for k in ("prompt_tps", "generation_tps", "peak_rss_gb")}
                          for e in ("edge_ds", "llama_cpp_q4_0")},
               "median_prompt_ratio": statistics.median(r["prompt_ratio"] for r in rounds),
               "median_generation_ratio": statistics.median(r["generation_ratio"] for r in rounds)}
     (out / f"onnx_bench_result{f'_d{args.depth}' if args.depth else ''}.json").write_text(json.dumps(result, indent=2))
     m = result["median"]
     print(f"| runtime (4-bit, -p {args.p} -g {args.g}" + (f" -d {args.depth}" if args.depth else "")
-          + f", {args.threads} threads, median of {args.rounds} alternating rounds) | prompt tok/s | decode tok/s |")
-    print("|---|---|---|")
+          + f", {args.threads} threads, median of {args.rounds} alternating rounds) | prompt tok/s | decode tok/s "
+          "| peak RSS |")
+    print("|---|---|---|---|")
     print(f"| llama.cpp Q4_0 (llama-bench, mean of {args.n} per round) | {m['llama_cpp_q4_0']['prompt_tps']:.1f} | "
-          f"{m['llama_cpp_q4_0']['generation_tps']:.1f} |")
+          f"{m['llama_cpp_q4_0']['generation_tps']:.1f} | {m['llama_cpp_q4_0']['peak_rss_gb']:.2f} GB |")
     print(f"| `edge-ds convert` + `edge-ds bench` (backend {result['backend']}: {result['device']}; median of "
-          f"{args.n} per round) | {m['edge_ds']['prompt_tps']:.1f} | {m['edge_ds']['generation_tps']:.1f} |")
+          f"{args.n} per round) | {m['edge_ds']['prompt_tps']:.1f} | {m['edge_ds']['generation_tps']:.1f} | "
+          f"{m['edge_ds']['peak_rss_gb']:.2f} GB |")
     print(f"| ratio edge-ds / llama.cpp (median of the rounds' ratios) | {result['median_prompt_ratio']:.2f}x | "
-          f"{result['median_generation_ratio']:.2f}x |")
+          f"{result['median_generation_ratio']:.2f}x | |")
     print("per round (prompt, decode ratios): " + ", ".join(
         f"{r['prompt_ratio']:.2f}x/{r['generation_ratio']:.2f}x" for r in rounds))
 
