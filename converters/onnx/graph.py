@@ -176,7 +176,7 @@ class DecoderGraph:
         latent = g.op("Concat", [past, new], p + ".present", axis=2)  # [B, 1, T, r + rope]
 
         w_uk, w_uv = split_kv_b(self.read(kv_b_name(p)), cfg)  # [H, nope, r], [H, v, r]
-        w_uk = np.ascontiguousarray(w_uk * np.float32(cfg.softmax_scale))  # scale folded in (q_pe's is in q_b)
+        w_uk = np.ascontiguousarray(w_uk * np.float32(cfg.softmax_scale))  # scale folded in (q_pe's: in the query's rope rows)
         w_uv = np.ascontiguousarray(w_uv.transpose(0, 2, 1))  # [H, r, v]
         q_lat = g.op("MatMul", [q_nope, g.const(w_uk, p + ".w_uk")], p + ".q_latent")  # [B, H, S, r]
         query = g.op("Concat", [q_lat, self.rope(q_pe)], axis=-1)  # [B, H, S, r + rope]
