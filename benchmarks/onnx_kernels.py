@@ -14,7 +14,8 @@ Each graph runs in one onnxruntime session with `-t` threads. Everything else th
 (latent attention and its float32 products, norms, routing, rope) is left out, so the tok/s it
 prints are ceilings for this onnxruntime on this machine, not predictions. With --llama-bench
 and --gguf it runs llama-bench once per round too, so the ceilings compare with llama.cpp in the
-same run.
+same run. The graphs are built in memory, so models whose weights pass protobuf's 2 GB are out
+of its reach.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from converters.onnx.builder import IR_VERSION, MS  # noqa: E402
 
 
 def kernels(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The export's quantized nodes: every MatMulNBits and QMoE, with their shapes' initializers' dims."""
+    """The export's quantized nodes: every MatMulNBits and QMoE."""
     return [n for n in model.graph.node if n.op_type in ("MatMulNBits", "QMoE")]
 
 
