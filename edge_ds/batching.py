@@ -40,7 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import LatentCache, PromptCache
-from .generate import PREFILL_STEP, GenerationStats, TokenLogprob, token_logprob
+from .generate import PREFILL_STEP, GenerationStats, TokenLogprob, prefill_chunk, token_logprob
 from .sampling import Sampler, apply_repetition_penalty
 
 
@@ -204,7 +204,7 @@ class BatchEngine:
         budget = self.prefill_step
         while self.waiting and len(self.rows) < self.max_rows:
             row = self.waiting[0]
-            chunk = min(len(row.ids) - row.done_prefill, self.prefill_step)
+            chunk = min(len(row.ids) - row.done_prefill, self._chunk(row))
             if chunk > budget:
                 break
             self._prefill_chunk(row)
@@ -217,6 +217,9 @@ class BatchEngine:
 
     # --- prefill: alone, on an ordinary cache, one chunk per step ---
 
+    def _chunk(self, row: Row) -> int:
+        return prefill_chunk(self.backend.config, row.done_prefill, self.prefill_step)
+
     def _prefill_chunk(self, row: Row) -> None:
         if row.cancelled.is_set():
             self.waiting.remove(row)
@@ -224,11 +227,11 @@ class BatchEngine:
             return
         if row.cache is None:
             row.cache = self.lm.backend.make_cache()
-        todo = row.ids[row.done_prefill:]
-        if len(todo) > self.prefill_step:
-            self.backend(mx.array([todo[:self.prefill_step]]), cache=row.cache)  # as generate_tokens does
+        todo, chunk = row.ids[row.done_prefill:], self._chunk(row)
+        if len(todo) > chunk:
+            self.backend(mx.array([todo[:chunk]]), cache=row.cache)  # as generate_tokens does
             mx.eval([c.state for c in row.cache])
-            row.done_prefill += self.prefill_step
+            row.done_prefill += chunk
             return
         logits = self.backend(mx.array([todo]), cache=row.cache)[:, -1, :]
         row.cache.tokens.extend(row.ids)

@@ -16,8 +16,21 @@ from .sampling import Sampler, apply_repetition_penalty
 if TYPE_CHECKING:
     from .backend import Backend
     from .cache import PromptCache
+    from .config import ModelConfig
 
-PREFILL_STEP = 512
+PREFILL_STEP = 512  # most prompt tokens per prefill forward
+# Attention materialises one layer's scores [heads, chunk, context] in float32 at a time; a chunk
+# shrinks once that would pass this (V3's 128 heads past ~4k tokens of context; the small models never).
+SCORES_BUDGET = 1 << 30
+
+
+def prefill_chunk(config: "ModelConfig", cached: int, step: int = PREFILL_STEP) -> int:
+    """Prompt tokens for the next prefill forward after `cached` tokens: `step`, or fewer (down to
+    16) so that the attention scores of a chunk of that many against the whole context stay within
+    SCORES_BUDGET bytes."""
+    per_token = 4 * config.num_attention_heads * (cached + step)
+    return min(step, max(16, SCORES_BUDGET // per_token))
+
 
 
 @dataclass
@@ -122,11 +135,11 @@ def generate_tokens(
         return token
 
     # Prefill in chunks so activations stay bounded on long prompts.
-    while len(todo) > prefill_step:
-        model(xp.array([todo[:prefill_step]], dtype=xp.int32), cache=cache)
+    while len(todo) > (chunk := prefill_chunk(model.config, len(cache.tokens), prefill_step)):
+        model(xp.array([todo[:chunk]], dtype=xp.int32), cache=cache)
         evaluate(xp, [c.state for c in cache])
-        cache.tokens.extend(todo[:prefill_step])
-        todo = todo[prefill_step:]
+        cache.tokens.extend(todo[:chunk])
+        todo = todo[chunk:]
     token = step(todo)
     evaluate(xp, token, *pending)
     first = time.perf_counter()

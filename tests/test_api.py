@@ -162,6 +162,31 @@ def test_bench_depth_times_the_prompt_after_a_filled_cache(lm, monkeypatch):
         run_bench(lm, prompt_tokens=12, generation_tokens=5, depth=lm.config.max_position_embeddings)
 
 
+def test_prefill_chunks_shrink_as_the_context_grows(lm, monkeypatch):
+    """Past SCORES_BUDGET (one layer's attention scores, [heads, chunk, context] float32) a prompt is
+    prefilled in smaller chunks the longer the context gets, and generates what one chunk does."""
+    from edge_ds import generate
+
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(2, lm.config.vocab_size, 150).tolist()
+    want = lm.generate(prompt, max_tokens=6).tokens
+    calls = []
+    real = type(lm.backend).__call__
+
+    def counting(self, tokens, cache=None, **kw):
+        calls.append(tokens.shape[1])
+        return real(self, tokens, cache=cache, **kw)
+
+    monkeypatch.setattr(type(lm.backend), "__call__", counting)
+    heads = lm.config.num_attention_heads
+    monkeypatch.setattr(generate, "SCORES_BUDGET", 4 * heads * generate.PREFILL_STEP * 64)  # 64 tokens at first
+    got = lm.generate(prompt, max_tokens=6, cache=lm.new_cache()).tokens
+    prefill = calls[:-5]  # then 5 single-token decode steps
+    assert prefill[0] == 64 and all(a > b for a, b in zip(prefill, prefill[1:])) and sum(prefill) == 150
+    assert all(n == 1 for n in calls[-5:])
+    assert got == want
+
+
 def test_cli_chat_session(model_dir):
     r = cli("chat", "--model", str(model_dir), "-m", "4", stdin="hi\n/reset\nhello\n/exit\n")
     assert r.returncode == 0, r.stderr

@@ -294,7 +294,8 @@ class ScriptedBackend:
     experts = None
 
     def __init__(self, vocab: int, eos: int):
-        self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=4096, to_dict=lambda: {"v": vocab})
+        self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=4096, num_attention_heads=1,
+                                      to_dict=lambda: {"v": vocab})  # what generation reads of a ModelConfig
         self.eos = eos
         self.script: list[int] = []
         self.prompts: list[list[int]] = []
