@@ -141,12 +141,9 @@ def test_cli_generate_info_bench(model_dir):
     assert json.loads(r.stdout)["generation_tps"] > 0
 
 
-def test_bench_depth_times_the_prompt_after_a_filled_cache(lm, monkeypatch):
-    """bench -d D (llama-bench's depth): each trial fills a fresh cache with D tokens untimed, then
-    prefills the P prompt tokens on top of them and generates G."""
-    from edge_ds.bench import run_bench
-
-    calls = []  # (tokens in the call, tokens already in its cache)
+def record_backend_calls(lm, monkeypatch) -> list[tuple[int, int | None]]:
+    """Records each call of lm's backend as (tokens in the call, tokens already in its cache)."""
+    calls = []
     real = type(lm.backend).__call__
 
     def counting(self, tokens, cache=None, **kw):
@@ -154,6 +151,15 @@ def test_bench_depth_times_the_prompt_after_a_filled_cache(lm, monkeypatch):
         return real(self, tokens, cache=cache, **kw)
 
     monkeypatch.setattr(type(lm.backend), "__call__", counting)
+    return calls
+
+
+def test_bench_depth_times_the_prompt_after_a_filled_cache(lm, monkeypatch):
+    """bench -d D (llama-bench's depth): each trial fills a fresh cache with D tokens untimed, then
+    prefills the P prompt tokens on top of them and generates G."""
+    from edge_ds.bench import run_bench
+
+    calls = record_backend_calls(lm, monkeypatch)
     result = run_bench(lm, prompt_tokens=12, generation_tokens=5, trials=2, depth=40)
     assert result["depth"] == 40 and result["prompt_tps"] > 0
     one_trial = [(40, 0), (12, 40)] + [(1, 52 + i) for i in range(4)]
@@ -170,20 +176,14 @@ def test_prefill_chunks_shrink_as_the_context_grows(lm, monkeypatch):
     rng = np.random.default_rng(3)
     prompt = rng.integers(2, lm.config.vocab_size, 150).tolist()
     want = lm.generate(prompt, max_tokens=6).tokens
-    calls = []
-    real = type(lm.backend).__call__
-
-    def counting(self, tokens, cache=None, **kw):
-        calls.append(tokens.shape[1])
-        return real(self, tokens, cache=cache, **kw)
-
-    monkeypatch.setattr(type(lm.backend), "__call__", counting)
+    calls = record_backend_calls(lm, monkeypatch)
     heads = lm.config.num_attention_heads
     monkeypatch.setattr(generate, "SCORES_BUDGET", 4 * heads * generate.PREFILL_STEP * 64)  # 64 tokens at first
     got = lm.generate(prompt, max_tokens=6, cache=lm.new_cache()).tokens
-    prefill = calls[:-5]  # then 5 single-token decode steps
+    sizes = [n for n, _ in calls]
+    prefill = sizes[:-5]  # then 5 single-token decode steps
     assert prefill[0] == 64 and all(a > b for a, b in zip(prefill, prefill[1:])) and sum(prefill) == 150
-    assert all(n == 1 for n in calls[-5:])
+    assert all(n == 1 for n in sizes[-5:])
     assert got == want
 
 
